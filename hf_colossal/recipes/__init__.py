@@ -1,0 +1,1 @@
+"""Recipes: schema, embedded data and models, and the runner."""

@@ -1,0 +1,204 @@
+"""The recipe file: a YAML document that names a model, data, a task and TrainingArguments.
+
+```yaml
+task: sequence_classification        # or causal_lm
+model:
+  embedded: minilm                   # a model shipped in a package, or
+  # name_or_path: bert-base-uncased  # a hub name / local folder (online users), or
+  # from_config: {model_type: llama, hidden_size: 128, ...}   # a fresh model (causal_lm)
+data:
+  embedded: bbc_news                 # bbc_news | kjv | digits, or local files / a hub dataset:
+  # train_file: train.jsonl  eval_file: eval.jsonl   |   hub_dataset: ag_news  eval_split: test
+  options: {eval_size: 445}
+  max_length: 64                     # truncation (classification) or block size (causal_lm)
+training:                            # any TrainingArguments field
+  optim: lamb
+  learning_rate: 2.0e-3
+callbacks: []                        # filled by later features
+plugins: []
+```
+Every error names the file, the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TASKS = ("sequence_classification", "causal_lm")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the file and the field."""
+
+
+@dataclasses.dataclass
+class ModelSection:
+    embedded: str | None = None
+    name_or_path: str | None = None
+    from_config: dict[str, Any] | None = None
+    tokenizer: str | None = None
+    bpe_vocab_size: int = 4096
+
+
+@dataclasses.dataclass
+class DataSection:
+    embedded: str | None = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    train_file: str | None = None
+    eval_file: str | None = None
+    hub_dataset: str | None = None
+    hub_config: str | None = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    text_column: str = "text"
+    label_column: str = "label"
+    max_length: int = 128
+
+
+@dataclasses.dataclass
+class Recipe:
+    task: str  # one of TASKS
+    model: ModelSection
+    data: DataSection
+    training: dict[str, Any]
+    callbacks: list[Any] = dataclasses.field(default_factory=list)
+    plugins: list[Any] = dataclasses.field(default_factory=list)
+    source: str = "<recipe>"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        return data
+
+
+#: Names later features register for the ``callbacks:`` and ``plugins:`` slots.
+RECIPE_CALLBACKS: dict[str, Any] = {}
+RECIPE_PLUGINS: dict[str, Any] = {}
+
+
+def _fail(source: str, field: str, message: str) -> RecipeError:
+    return RecipeError(f"{source}: field '{field}': {message}")
+
+
+def _section(cls: type, raw: Any, source: str, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise _fail(source, prefix, f"must be a mapping, got {type(raw).__name__}")
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in allowed:
+            raise _fail(source, f"{prefix}.{key}", f"unknown field; allowed: {', '.join(allowed)}")
+    return cls(**raw)
+
+
+def _check_training(training: Any, source: str) -> dict[str, Any]:
+    from transformers import TrainingArguments
+
+    if training is None:
+        return {}
+    if not isinstance(training, dict):
+        raise _fail(source, "training", "must be a mapping of TrainingArguments fields")
+    valid = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    for key in training:
+        if key not in valid:
+            close = difflib.get_close_matches(key, sorted(valid), n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else "see transformers.TrainingArguments"
+            raise _fail(source, f"training.{key}", f"not a TrainingArguments field; {hint}")
+    return dict(training)
+
+
+def _check_slot(values: Any, registry: dict[str, Any], source: str, field: str) -> list[Any]:
+    if values is None:
+        return []
+    if not isinstance(values, list):
+        raise _fail(source, field, "must be a list")
+    for value in values:
+        name = value if isinstance(value, str) else (value or {}).get("name")
+        if name not in registry:
+            raise _fail(source, field, f"unknown entry {name!r}; allowed: {', '.join(sorted(registry)) or 'none yet'}")
+    return values
+
+
+def recipe_from_dict(raw: Any, source: str = "<recipe>") -> Recipe:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: a recipe must be a YAML mapping with task, model, data, training")
+    allowed = [f.name for f in dataclasses.fields(Recipe) if f.name != "source"]
+    for key in raw:
+        if key not in allowed:
+            raise _fail(source, key, f"unknown top-level field; allowed: {', '.join(allowed)}")
+    task = raw.get("task")
+    if task not in TASKS:
+        raise _fail(source, "task", f"{task!r} is not a task; allowed: {', '.join(TASKS)}")
+    model = _section(ModelSection, raw.get("model"), source, "model")
+    given = [k for k in ("embedded", "name_or_path", "from_config") if getattr(model, k) is not None]
+    if len(given) != 1:
+        raise _fail(source, "model", f"set exactly one of embedded, name_or_path, from_config (got {given or 'none'})")
+    if model.from_config is not None and task != "causal_lm":
+        raise _fail(source, "model.from_config", "a model from config is supported for task causal_lm only")
+    data = _section(DataSection, raw.get("data"), source, "data")
+    given = [k for k in ("embedded", "train_file", "hub_dataset") if getattr(data, k) is not None]
+    if len(given) != 1:
+        raise _fail(source, "data", f"set exactly one of embedded, train_file, hub_dataset (got {given or 'none'})")
+    return Recipe(
+        task=task,
+        model=model,
+        data=data,
+        training=_check_training(raw.get("training"), source),
+        callbacks=_check_slot(raw.get("callbacks"), RECIPE_CALLBACKS, source, "callbacks"),
+        plugins=_check_slot(raw.get("plugins"), RECIPE_PLUGINS, source, "plugins"),
+        source=source,
+    )
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+    """``training.learning_rate=1e-3`` style overrides; values are parsed as YAML scalars."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"{source}: override {item!r} is not of the form section.field=value")
+        target = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise _fail(source, key, "cannot set a field inside a non-mapping value")
+        target[parts[-1]] = yaml.safe_load(text)
+    return raw
+
+
+def builtin_recipe_dirs() -> list[Path]:
+    """Where recipe names (without a path) are looked up: the wheel's copy, then a source checkout's."""
+    package_dir = Path(__file__).resolve().parent
+    return [package_dir / "builtin", package_dir.parent.parent / "recipes"]
+
+
+def available_recipes() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for directory in reversed(builtin_recipe_dirs()):
+        for path in sorted(directory.glob("*.yaml")):
+            found[path.stem] = path
+    return found
+
+
+def load_recipe(path_or_name: str, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path_or_name)
+    if not path.exists():
+        recipes = available_recipes()
+        if path_or_name not in recipes:
+            raise RecipeError(
+                f"recipe {path_or_name!r} is neither a file nor a built-in recipe; built-in: {', '.join(recipes)}"
+            )
+        path = recipes[path_or_name]
+    source = str(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{source}: not valid YAML: {err}") from None
+    raw = apply_overrides(raw or {}, overrides or [], source)
+    return recipe_from_dict(raw, source)

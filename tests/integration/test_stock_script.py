@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from .conftest import STOCK_SCRIPT, run_python
+from .subprocesses import STOCK_SCRIPT, run_python
 
 
 def stock_args(out, bbc_jsonl, minilm_path, *extra):
@@ -35,7 +35,7 @@ def test_stock_script_trains_with_our_optimizer(tmp_path, bbc_jsonl, minilm_path
     probe = (
         "import sys; sys.modules['hf_colossal'] = None\n"
         "import torch, transformers\n"
-        f"args = torch.load({str(tmp_path / 'training_args.bin')!r}, weights_only=False)\n"
+        f"args = torch.load({str(tmp_path / 'checkpoint-3' / 'training_args.bin')!r}, weights_only=False)\n"
         f"assert type(args.optim) is str and args.optim == {optim!r}, repr(args.optim)\n"
         "assert 'hf_colossal' not in repr(sys.modules.get('hf_colossal'))\n"
         "print('loaded', args.optim)"

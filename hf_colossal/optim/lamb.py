@@ -1,0 +1,326 @@
+r"""LAMB: layer-wise adaptive moments for large batches.
+
+You, Li, Reddi, Hseu, Kumar, Bhojanapalli, Song, Demmel, Keutzer, Hsieh (2019), "Large Batch Optimization for
+Deep Learning: Training BERT in 76 minutes", https://arxiv.org/abs/1904.00962, Algorithm 2; with the NVLAMB
+gradient pre-normalisation of NVIDIA's apex ``FusedLAMB`` and the trust-ratio clipping of LAMBC (Fong, Chen,
+Chen 2020, "Improving Layer-wise Adaptive Rate Methods using Trust Ratio Clipping", https://arxiv.org/abs/2011.13584).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from itertools import chain
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.optimizer import ParamsT
+
+from ._foreach import (
+    check_common_hyperparameters,
+    foreach_norms,
+    global_l2_norm,
+    group_by_device_and_dtype,
+    is_real,
+    math_dtype,
+    math_precision,
+    nonfinite_policy_allows_step,
+    params_with_grads,
+    require,
+    restore_state_precision,
+    trust_ratios,
+)
+
+__all__ = ["Lamb", "lamb"]
+
+
+class Lamb(Optimizer):
+    r"""LAMB (You et al. 2019, Algorithm 2), multi-tensor implementation.
+
+    For each parameter :math:`x` with gradient :math:`g` at step :math:`t` (math in fp32):
+
+    .. math::
+        \begin{aligned}
+        & g \leftarrow g / \max(1, \|G\|_2 / c)
+            && \text{if grad\_pre\_normalization; } G \text{ = all gradients of the optimizer} \\
+        & g \leftarrow g + \lambda x && \text{if not decoupled\_weight\_decay} \\
+        & m \leftarrow \beta_1 m + (1-\beta_1) g, \quad v \leftarrow \beta_2 v + (1-\beta_2) g^2
+            && \text{Alg. 2: } m_t, v_t \\
+        & \hat m = m / (1-\beta_1^t), \quad \hat v = v / (1-\beta_2^t)
+            && \text{Alg. 2 bias correction, if bias\_correction} \\
+        & u = \hat m / (\sqrt{\hat v} + \epsilon) \; (+\, \lambda x \text{ if decoupled\_weight\_decay})
+            && \text{Alg. 2: } r_t + \lambda x_t \\
+        & \phi = \min(\|x\| / \|u\|, \text{max\_trust\_ratio}) \text{ (1 if either norm is 0)}
+            && \text{if adapt; else } \phi = 1 \\
+        & x \leftarrow x - \gamma \, \phi \, u && \text{Alg. 2: } x_{t+1}
+        \end{aligned}
+
+    Args:
+        params: iterable of parameters or of param-group dicts. A group may carry any key below, plus
+            ``adapt`` (bool, default True): ``False`` skips the trust ratio for that group (biases, norm weights),
+            unless ``always_adapt``.
+        lr: learning rate :math:`\gamma` (>= 0).
+        betas: :math:`(\beta_1, \beta_2)`, each in [0, 1).
+        eps: :math:`\epsilon` added to :math:`\sqrt{\hat v}` (>= 0).
+        weight_decay: :math:`\lambda` (>= 0).
+        bias_correction: divide the moments by :math:`1-\beta^t` (Algorithm 2 has it; some BERT code omits it).
+        decoupled_weight_decay: add :math:`\lambda x` to the update, inside the trust ratio (the paper); if
+            ``False``, add it to the gradient before the moments (L2 regularisation).
+        max_trust_ratio: if set (> 0), clip the trust ratio from above (LAMBC).
+        always_adapt: apply the trust ratio in every group, ignoring their ``adapt`` key.
+        grad_pre_normalization: divide every gradient by :math:`\max(1, \|G\|_2 / c)`, :math:`\|G\|_2` the L2
+            norm over all gradients of the optimizer (NVLAMB, as in apex ``FusedLAMB``).
+        pre_normalization_max_norm: :math:`c` above (> 0).
+        nonfinite: what a step does when any gradient is inf/NaN: ``"skip"`` it entirely (parameters, state and
+            step counts untouched) and count it in every group's ``nonfinite_skips``; ``"error"``: raise
+            ``FloatingPointError``; ``"apply"``: no check (under a ``GradScaler``, which checks itself).
+        foreach: ``None`` or ``True``; only the multi-tensor (``torch._foreach_*``) implementation exists.
+
+    State per parameter: ``step`` (float32 scalar on the CPU), ``exp_avg`` and ``exp_avg_sq`` (fp32 for fp16/bf16
+    parameters, else the parameter dtype). fp16/bf16 parameters get the update computed in fp32 and rounded back.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        bias_correction: bool = True,
+        decoupled_weight_decay: bool = True,
+        max_trust_ratio: float | None = None,
+        always_adapt: bool = False,
+        grad_pre_normalization: bool = False,
+        pre_normalization_max_norm: float = 1.0,
+        nonfinite: str = "skip",
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "bias_correction": bias_correction,
+            "decoupled_weight_decay": decoupled_weight_decay,
+            "max_trust_ratio": max_trust_ratio,
+            "adapt": True,
+            "always_adapt": always_adapt,
+            "grad_pre_normalization": grad_pre_normalization,
+            "pre_normalization_max_norm": pre_normalization_max_norm,
+            "nonfinite": nonfinite,
+            "nonfinite_skips": 0,
+            "foreach": foreach,
+        }
+        _check_hyperparameters(defaults, "Lamb")
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group after validating its hyperparameters (the group's own keys over the defaults)."""
+        _check_hyperparameters({**self.defaults, **param_group}, f"Lamb param group {len(self.param_groups)}")
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load like ``torch.optim.Optimizer``, keeping the state of fp16/bf16 parameters in fp32."""
+        super().load_state_dict(state_dict)
+        restore_state_precision(self, state_dict)
+
+    def _init_group(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Create missing state; return the ``exp_avg``, ``exp_avg_sq`` and ``step`` tensors of ``params``."""
+        exp_avgs, exp_avg_sqs, state_steps = [], [], []
+        for param in params:
+            state = self.state[param]
+            if not state:
+                # Like torch's non-capturable Adam: the step count lives on the CPU, so reading it is no GPU sync.
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(param, dtype=math_dtype(param.dtype))
+                state["exp_avg_sq"] = torch.zeros_like(param, dtype=math_dtype(param.dtype))
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            state_steps.append(state["step"])
+        return exp_avgs, exp_avg_sqs, state_steps
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        params_and_grads = [params_with_grads("Lamb", group, i) for i, group in enumerate(self.param_groups)]
+        if not any(params for params, _ in params_and_grads):
+            return loss
+        any_pre_normalization = any(group["grad_pre_normalization"] for group in self.param_groups)
+        global_grad_norm = None
+        if any_pre_normalization or any(group["nonfinite"] != "apply" for group in self.param_groups):
+            grad_norms = [foreach_norms(grads) for _, grads in params_and_grads]
+            if not nonfinite_policy_allows_step("Lamb", self.param_groups, grad_norms):
+                return loss
+            if any_pre_normalization:
+                global_grad_norm = global_l2_norm(list(chain.from_iterable(grad_norms)))
+
+        for group, (params, grads) in zip(self.param_groups, params_and_grads):
+            if not params:
+                continue
+            exp_avgs, exp_avg_sqs, state_steps = self._init_group(params)
+            beta1, beta2 = group["betas"]
+            lamb(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                state_steps,
+                global_grad_norm=global_grad_norm if group["grad_pre_normalization"] else None,
+                pre_normalization_max_norm=group["pre_normalization_max_norm"],
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                bias_correction=group["bias_correction"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                adapt=group["adapt"] or group["always_adapt"],
+                max_trust_ratio=group["max_trust_ratio"],
+            )
+        return loss
+
+
+def _check_hyperparameters(hyperparameters: dict[str, Any], where: str) -> None:
+    check_common_hyperparameters(hyperparameters, where)
+    betas = hyperparameters["betas"]
+    require(
+        isinstance(betas, (tuple, list)) and len(betas) == 2,
+        where,
+        "betas",
+        betas,
+        "expected a pair (beta1, beta2)",
+    )
+    for index, beta in enumerate(betas):
+        require(is_real(beta) and 0 <= beta < 1, where, f"betas[{index}]", beta, "expected 0 <= beta < 1")
+    max_trust_ratio = hyperparameters["max_trust_ratio"]
+    require(
+        max_trust_ratio is None or (is_real(max_trust_ratio) and max_trust_ratio > 0),
+        where,
+        "max_trust_ratio",
+        max_trust_ratio,
+        "expected None or a real number > 0",
+    )
+    max_norm = hyperparameters["pre_normalization_max_norm"]
+    require(
+        is_real(max_norm) and max_norm > 0,
+        where,
+        "pre_normalization_max_norm",
+        max_norm,
+        "expected a real number > 0",
+    )
+    for name in ("bias_correction", "decoupled_weight_decay", "grad_pre_normalization"):
+        require(isinstance(hyperparameters[name], bool), where, name, hyperparameters[name], "expected a bool")
+
+
+def lamb(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    global_grad_norm: Tensor | None = None,
+    pre_normalization_max_norm: float = 1.0,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    bias_correction: bool,
+    decoupled_weight_decay: bool,
+    adapt: bool,
+    max_trust_ratio: float | None,
+) -> None:
+    r"""Functional LAMB step (You et al. 2019, Algorithm 2) over lists of tensors; see :class:`Lamb` for the math.
+
+    Updates ``params``, ``exp_avgs``, ``exp_avg_sqs`` and ``state_steps`` in place; the ``grads`` are only read.
+    ``global_grad_norm``, when given, is :math:`\|G\|_2` of the NVLAMB pre-normalisation
+    :math:`g / \max(1, \|G\|_2 / \text{pre\_normalization\_max\_norm})`. ``adapt`` turns the trust ratio on.
+    """
+    for (bucket_params, bucket_grads, bucket_exp_avgs, bucket_exp_avg_sqs, bucket_steps), _ in (
+        group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, state_steps])
+    ):
+        with math_precision(bucket_params, bucket_grads) as (math_params, math_grads):
+            _lamb_bucket(
+                math_params,
+                math_grads,
+                bucket_exp_avgs,
+                bucket_exp_avg_sqs,
+                bucket_steps,
+                global_grad_norm=global_grad_norm,
+                pre_normalization_max_norm=pre_normalization_max_norm,
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                eps=eps,
+                weight_decay=weight_decay,
+                bias_correction=bias_correction,
+                decoupled_weight_decay=decoupled_weight_decay,
+                adapt=adapt,
+                max_trust_ratio=max_trust_ratio,
+            )
+
+
+def _lamb_bucket(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    global_grad_norm: Tensor | None,
+    pre_normalization_max_norm: float,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    bias_correction: bool,
+    decoupled_weight_decay: bool,
+    adapt: bool,
+    max_trust_ratio: float | None,
+) -> None:
+    """One (device, dtype) bucket of :func:`lamb`, all tensors in the math dtype; ``grads`` may alias ``.grad``."""
+    torch._foreach_add_(state_steps, 1.0)
+
+    if global_grad_norm is not None:
+        divisor = torch.clamp(global_grad_norm.to(params[0].device) / pre_normalization_max_norm, min=1.0)
+        grads = torch._foreach_div(grads, divisor)
+    if weight_decay != 0 and not decoupled_weight_decay:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+
+    # Algorithm 2, moments: m = b1 m + (1 - b1) g ; v = b2 v + (1 - b2) g^2
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+
+    # Algorithm 2, ratio: r = m_hat / (sqrt(v_hat) + eps), with m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t).
+    # The step counts are CPU tensors, so reading them is no device sync.
+    denominators = torch._foreach_sqrt(exp_avg_sqs)
+    if bias_correction:
+        torch._foreach_div_(denominators, [math.sqrt(1 - beta2 ** step.item()) for step in state_steps])
+    torch._foreach_add_(denominators, eps)
+    updates = torch._foreach_div(exp_avgs, denominators)
+    if bias_correction:
+        torch._foreach_div_(updates, [1 - beta1 ** step.item() for step in state_steps])
+    if weight_decay != 0 and decoupled_weight_decay:
+        torch._foreach_add_(updates, params, alpha=weight_decay)
+
+    # Algorithm 2, update: x = x - lr * phi(||x||) / ||u|| * u with u = r + wd x, phi the identity;
+    # the ratio is clipped from above for LAMBC
+    if adapt:
+        ratios = trust_ratios(torch._foreach_norm(params), torch._foreach_norm(updates))
+        if max_trust_ratio is not None:
+            ratios = ratios.clamp(max=max_trust_ratio)
+        torch._foreach_mul_(updates, ratios.unbind())
+    torch._foreach_add_(params, updates, alpha=-lr)

@@ -1,0 +1,300 @@
+r"""LARS: layer-wise adaptive rate scaling for large batches.
+
+You, Gitman, Ginsburg (2017), "Large Batch Training of Convolutional Networks", https://arxiv.org/abs/1708.03888,
+eq. 6 (local learning rate) and Algorithm 1 (momentum update); with the "clip" mode of NVIDIA apex's LARC
+(``apex.parallel.LARC``) and the momentum placement of ``torch.optim.SGD`` that timm's ``Lars`` uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.optimizer import ParamsT
+
+from ._foreach import (
+    check_common_hyperparameters,
+    foreach_norms,
+    group_by_device_and_dtype,
+    is_real,
+    math_precision,
+    nonfinite_policy_allows_step,
+    params_with_grads,
+    require,
+    restore_state_precision,
+    trust_ratios,
+)
+
+__all__ = ["Lars", "lars"]
+
+
+class Lars(Optimizer):
+    r"""LARS (You, Gitman, Ginsburg 2017) with optional LARC clipping, multi-tensor implementation.
+
+    For each parameter :math:`x` with gradient :math:`g` (math in fp32):
+
+    .. math::
+        \begin{aligned}
+        & d = g + \lambda x \\
+        & \ell = \eta \|x\| / (\|g\| + \lambda \|x\| + \epsilon)
+            \text{ (1 where } \|x\| \text{ or } \|g\| \text{ is 0)}
+            && \text{eq. 6, if adapt; else } \ell = 1 \\
+        & \ell \leftarrow \min(\ell / \gamma, 1) && \text{if trust\_clip (LARC "clip")} \\
+        & d \leftarrow \ell\, d \;\; (\gamma \ell\, d \text{ if lr\_in\_momentum}) \\
+        & b \leftarrow \mu b + (1 - \tau) d \;\; (b \leftarrow d \text{ on the first step})
+            && \text{Algorithm 1, momentum} \\
+        & s = d + \mu b \text{ if nesterov else } b \\
+        & x \leftarrow x - \gamma s \;\; (x - s \text{ if lr\_in\_momentum}) && \text{Algorithm 1, weights}
+        \end{aligned}
+
+    ``lr_in_momentum=False`` (default) puts the learning rate outside the momentum buffer like
+    ``torch.optim.SGD`` and timm; ``True`` puts it inside as in the paper's Algorithm 1. They differ only when the
+    learning rate changes between steps.
+
+    Args:
+        params: iterable of parameters or of param-group dicts. A group may carry any key below, plus
+            ``adapt`` (bool, default True): ``False`` skips the trust ratio for that group (biases, norm weights),
+            unless ``always_adapt``.
+        lr: global learning rate :math:`\gamma` (>= 0).
+        momentum: :math:`\mu` (>= 0); 0 keeps no momentum buffer.
+        dampening: :math:`\tau` in [0, 1], as in ``torch.optim.SGD`` (applies with either ``lr_in_momentum``).
+        weight_decay: :math:`\lambda` (>= 0).
+        nesterov: Nesterov momentum; needs ``momentum > 0`` and ``dampening == 0``.
+        trust_coefficient: :math:`\eta` of eq. 6 (> 0).
+        eps: :math:`\epsilon` in the denominator of eq. 6 (>= 0).
+        trust_clip: LARC "clip" mode, :math:`\ell \leftarrow \min(\ell / \gamma, 1)`.
+        always_adapt: apply the trust ratio in every group, ignoring their ``adapt`` key.
+        lr_in_momentum: accumulate :math:`\gamma \ell d` in the buffer (Algorithm 1) instead of :math:`\ell d`.
+        nonfinite: what a step does when any gradient is inf/NaN: ``"skip"`` it entirely (parameters and
+            momentum untouched) and count it in every group's ``nonfinite_skips``; ``"error"``: raise
+            ``FloatingPointError``; ``"apply"``: no check (under a ``GradScaler``, which checks itself).
+        foreach: ``None`` or ``True``; only the multi-tensor (``torch._foreach_*``) implementation exists.
+
+    State per parameter: ``momentum_buffer`` (fp32 for fp16/bf16 parameters, else the parameter dtype), only
+    when ``momentum != 0``. fp16/bf16 parameters get the update computed in fp32 and rounded back.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1.0,
+        momentum: float = 0.9,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        *,
+        nesterov: bool = False,
+        trust_coefficient: float = 0.001,
+        eps: float = 1e-8,
+        trust_clip: bool = False,
+        always_adapt: bool = False,
+        lr_in_momentum: bool = False,
+        nonfinite: str = "skip",
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "trust_coefficient": trust_coefficient,
+            "eps": eps,
+            "trust_clip": trust_clip,
+            "adapt": True,
+            "always_adapt": always_adapt,
+            "lr_in_momentum": lr_in_momentum,
+            "nonfinite": nonfinite,
+            "nonfinite_skips": 0,
+            "foreach": foreach,
+        }
+        _check_hyperparameters(defaults, "Lars")
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group after validating its hyperparameters (the group's own keys over the defaults)."""
+        _check_hyperparameters({**self.defaults, **param_group}, f"Lars param group {len(self.param_groups)}")
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load like ``torch.optim.Optimizer``, keeping the state of fp16/bf16 parameters in fp32."""
+        super().load_state_dict(state_dict)
+        restore_state_precision(self, state_dict)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        params_and_grads = [params_with_grads("Lars", group, i) for i, group in enumerate(self.param_groups)]
+        grad_norms = [foreach_norms(grads) for _, grads in params_and_grads]
+        if not nonfinite_policy_allows_step("Lars", self.param_groups, grad_norms):
+            return loss
+
+        for group, (params, grads), group_grad_norms in zip(self.param_groups, params_and_grads, grad_norms):
+            if not params:
+                continue
+            momentum_buffers = [self.state[param].get("momentum_buffer") for param in params]
+            lars(
+                params,
+                grads,
+                momentum_buffers,
+                grad_norms=group_grad_norms,
+                lr=group["lr"],
+                momentum=group["momentum"],
+                dampening=group["dampening"],
+                weight_decay=group["weight_decay"],
+                nesterov=group["nesterov"],
+                trust_coefficient=group["trust_coefficient"],
+                eps=group["eps"],
+                trust_clip=group["trust_clip"],
+                adapt=group["adapt"] or group["always_adapt"],
+                lr_in_momentum=group["lr_in_momentum"],
+            )
+            if group["momentum"] != 0:
+                for param, momentum_buffer in zip(params, momentum_buffers):
+                    self.state[param]["momentum_buffer"] = momentum_buffer
+        return loss
+
+
+def _check_hyperparameters(hyperparameters: dict[str, Any], where: str) -> None:
+    check_common_hyperparameters(hyperparameters, where)
+    momentum = hyperparameters["momentum"]
+    require(is_real(momentum) and momentum >= 0, where, "momentum", momentum, "expected a real number >= 0")
+    dampening = hyperparameters["dampening"]
+    require(is_real(dampening) and 0 <= dampening <= 1, where, "dampening", dampening, "expected 0 <= dampening <= 1")
+    trust_coefficient = hyperparameters["trust_coefficient"]
+    require(
+        is_real(trust_coefficient) and trust_coefficient > 0,
+        where,
+        "trust_coefficient",
+        trust_coefficient,
+        "expected a real number > 0",
+    )
+    for name in ("nesterov", "trust_clip", "lr_in_momentum"):
+        require(isinstance(hyperparameters[name], bool), where, name, hyperparameters[name], "expected a bool")
+    nesterov = hyperparameters["nesterov"]
+    require(
+        not nesterov or (momentum > 0 and dampening == 0),
+        where,
+        "nesterov",
+        nesterov,
+        f"Nesterov momentum requires momentum > 0 and dampening == 0 (got momentum={momentum!r}, "
+        f"dampening={dampening!r})",
+    )
+
+
+def lars(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffer_list: list[Tensor | None],
+    *,
+    grad_norms: list[Tensor] | None = None,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    trust_coefficient: float,
+    eps: float,
+    trust_clip: bool,
+    adapt: bool,
+    lr_in_momentum: bool,
+) -> None:
+    r"""Functional LARS step (You, Gitman, Ginsburg 2017, eq. 6 and Algorithm 1); see :class:`Lars` for the math.
+
+    Updates ``params`` and the buffers of ``momentum_buffer_list`` in place; a ``None`` entry gets a new buffer
+    (like ``torch.optim.SGD``: the first step's direction), stored back into the list. ``grads`` are only read.
+    ``grad_norms`` are the gradients' L2 norms if already computed; they are taken here when ``None``.
+    """
+    if grad_norms is None:
+        grad_norms = foreach_norms(grads)
+    for (bucket_params, bucket_grads, bucket_buffers, bucket_grad_norms), indices in group_by_device_and_dtype(
+        [params, grads, momentum_buffer_list, grad_norms]
+    ):
+        with math_precision(bucket_params, bucket_grads) as (math_params, math_grads):
+            _lars_bucket(
+                math_params,
+                math_grads,
+                bucket_buffers,
+                bucket_grad_norms,
+                lr=lr,
+                momentum=momentum,
+                dampening=dampening,
+                weight_decay=weight_decay,
+                nesterov=nesterov,
+                trust_coefficient=trust_coefficient,
+                eps=eps,
+                trust_clip=trust_clip,
+                adapt=adapt,
+                lr_in_momentum=lr_in_momentum,
+            )
+        if momentum != 0:
+            for index, buffer in zip(indices, bucket_buffers):
+                momentum_buffer_list[index] = buffer
+
+
+def _lars_bucket(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    grad_norms: list[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    trust_coefficient: float,
+    eps: float,
+    trust_clip: bool,
+    adapt: bool,
+    lr_in_momentum: bool,
+) -> None:
+    """One (device, dtype) bucket of :func:`lars`, all tensors in the math dtype; ``grads`` may alias ``.grad``.
+
+    ``None`` entries of ``momentum_buffers`` are replaced by new buffers.
+    """
+    directions = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay != 0 else grads
+
+    # Eq. 6: local lr = eta ||x|| / (||g|| + wd ||x|| + eps), 1 where a norm is 0; LARC clip: min(local / lr, 1)
+    if adapt:
+        local_lrs = trust_ratios(
+            torch._foreach_norm(params),
+            grad_norms,
+            coefficient=trust_coefficient,
+            weight_decay=weight_decay,
+            eps=eps,
+        )
+        if trust_clip:
+            local_lrs = torch.clamp(local_lrs / lr, max=1.0)
+        if lr_in_momentum:
+            local_lrs = local_lrs * lr
+        directions = torch._foreach_mul(directions, local_lrs.unbind())
+    elif lr_in_momentum:
+        directions = torch._foreach_mul(directions, lr)
+
+    # Algorithm 1, momentum: b = mu b + (1 - dampening) d. A new buffer starts at d, as in torch.optim.SGD (without
+    # dampening that equals the paper's zero-initialised buffer).
+    if momentum != 0:
+        new_indices = [i for i, buffer in enumerate(momentum_buffers) if buffer is None]
+        existing_indices = [i for i, buffer in enumerate(momentum_buffers) if buffer is not None]
+        for i in new_indices:
+            momentum_buffers[i] = directions[i].clone()
+        if existing_indices:
+            existing_buffers = [momentum_buffers[i] for i in existing_indices]
+            torch._foreach_mul_(existing_buffers, momentum)
+            torch._foreach_add_(existing_buffers, [directions[i] for i in existing_indices], alpha=1 - dampening)
+        steps = (
+            torch._foreach_add(directions, momentum_buffers, alpha=momentum) if nesterov else momentum_buffers
+        )
+    else:
+        steps = directions
+
+    # Algorithm 1, weights: x = x - lr * step, or x = x - step when the lr is already inside the buffer
+    torch._foreach_add_(params, steps, alpha=-1.0 if lr_in_momentum else -lr)

@@ -1,0 +1,55 @@
+"""CPU and CUDA give the same LAMB / LARS result (within fp32 rounding), in fp32, bf16 and fp16.
+
+Skipped where there is no GPU; run on the device machine with `pytest tests/optim/test_devices.py`.
+"""
+
+import pytest
+import torch
+
+from hf_colossal.optim import Lamb, Lars
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+OPTIMIZERS = {
+    "lamb": (Lamb, dict(lr=1e-2, weight_decay=0.01, max_trust_ratio=10.0, grad_pre_normalization=True)),
+    "lars": (Lars, dict(lr=0.5, weight_decay=1e-4, momentum=0.9, nesterov=True, trust_clip=True)),
+}
+
+
+def run(device, dtype, name, steps=5):
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(64, 32), (32,), (128, 64), (7,), (1, 1)]
+    params = [torch.randn(s, generator=generator).to(device=device, dtype=dtype).requires_grad_() for s in shapes]
+    grads = [[torch.randn(s, generator=generator).to(device=device, dtype=dtype) for s in shapes] for _ in range(steps)]
+    cls, kwargs = OPTIMIZERS[name]
+    opt = cls([{"params": params[:3]}, {"params": params[3:], "weight_decay": 0.0, "adapt": False}], **kwargs)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g
+        opt.step()
+    return [p.detach().float().cpu() for p in params], opt
+
+
+@cuda
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_matches_cpu(name, dtype):
+    cpu_params, _ = run("cpu", dtype, name)
+    gpu_params, opt = run("cuda", dtype, name)
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    for a, b in zip(cpu_params, gpu_params):
+        torch.testing.assert_close(b, a, rtol=tolerance, atol=tolerance)
+    for state in opt.state.values():
+        assert all(t.dtype == torch.float32 for k, t in state.items() if k != "step")
+
+
+@cuda
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_cuda_nonfinite_gradient_skips_the_step(name):
+    _, opt = run("cuda", torch.float32, name, steps=1)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    before = [p.detach().clone() for p in params]
+    params[0].grad = torch.full_like(params[0], float("nan"))
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, params))
+    assert all(g["nonfinite_skips"] == 1 for g in opt.param_groups)

@@ -67,7 +67,7 @@ def test_cli_reports_recipe_errors_with_exit_code_2(tmp_path, capsys):
 def test_default_recipe_short_run_writes_a_finished_record(tmp_path):
     out = tmp_path / "run"
     recipe = load_recipe("minilm_bbc_lamb", [f"training.output_dir={out}", "training.max_steps=3",
-                                             "training.eval_steps=3", "training.disable_tqdm=true",
+                                             "training.eval_steps=3", "training.logging_steps=1", "training.disable_tqdm=true",
                                              "training.use_cpu=true"])
     metrics = run_recipe(recipe)
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["global_step"] == 3 and metrics["optim"] == "lamb"
@@ -95,17 +95,18 @@ def test_failed_run_leaves_no_finished_record(tmp_path):
 def test_kjv_lm_learns_below_start_and_unigram(tmp_path):
     out = tmp_path / "kjv"
     metrics = run_recipe(load_recipe("kjv_causal_lm", [*KJV_TINY, f"training.output_dir={out}",
-                                                       "training.max_steps=120", "training.eval_steps=120"]))
+                                                       "training.max_steps=250", "training.eval_steps=250"]))
     assert metrics["eval_loss"] < metrics["eval_loss_at_start"] - 1.0
-    assert metrics["eval_loss"] < metrics["unigram_eval_loss"]
+    assert metrics["eval_loss"] < metrics["unigram_eval_loss"] - 0.1
     assert (out / "tokenizer" / "tokenizer.json").exists()
 
 
-def test_two_process_run_through_the_module_entry_point(tmp_path):
+def test_accelerate_launch_two_processes_through_the_module_entry_point(tmp_path):
     out = tmp_path / "ddp"
-    result = run_python(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                         "-m", "hf_colossal", "train", "kjv_causal_lm", *KJV_TINY, f"training.output_dir={out}",
-                         "training.max_steps=4", "training.eval_steps=4", "training.ddp_backend=gloo"])
+    launch = ["-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1", "--cpu",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]
+    result = run_python([*launch, "-m", "hf_colossal", "train", "kjv_causal_lm", *KJV_TINY,
+                         f"training.output_dir={out}", "training.max_steps=4", "training.eval_steps=4"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "status.json").read_text())["status"] == "completed"
     assert json.loads((out / "metrics.json").read_text())["metrics"]["global_step"] == 4

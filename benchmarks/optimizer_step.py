@@ -1,0 +1,152 @@
+"""Optimizer-step cost of LAMB / LARS against torch's AdamW(fused) / SGD(foreach) and pytorch-optimizer.
+
+Same model, data and loop for every optimizer, each in a fresh process (as ../shared/bench/anchor_steps.py
+measured the peers). Whole step = forward + backward (bf16 autocast, fp32 params) + optimizer.step +
+zero_grad; "opt ms" is the part from the end of backward to the end of zero_grad, timed with CUDA events.
+
+    python benchmarks/optimizer_step.py [--model llama271m|bert_base] [name ...]
+
+Prints one JSON line per optimizer, then a table with ratios to AdamW(fused) (LAMB) and SGD(foreach) (LARS)
+and the achieved bandwidth as a fraction of the measured copy bandwidth (28 bytes per fp32 parameter for an
+Adam-like step: read p, g, m, v; write p, m, v — 16 bytes for SGD momentum: read p, g, b; write p, b).
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+NAMES = ["adamw_fused", "sgd_foreach", "lamb", "lamb_apply", "lars", "po_lamb", "po_lars"]
+BYTES_PER_PARAM = {"adamw_fused": 28, "lamb": 28, "lamb_apply": 28, "po_lamb": 28,
+                   "sgd_foreach": 16, "lars": 16, "po_lars": 16}
+
+
+def build(name, model):
+    import torch
+
+    import hf_colossal
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "adamw_fused":
+        return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=True)
+    if name == "sgd_foreach":
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4, foreach=True)
+    if name == "lamb":
+        return hf_colossal.build_optimizer("lamb", model, lr=1e-4, weight_decay=0.01)
+    if name == "lamb_apply":  # no non-finite check: the step a GradScaler run takes
+        return hf_colossal.build_optimizer("lamb", model, lr=1e-4, weight_decay=0.01, options="nonfinite=apply")
+    if name == "lars":
+        return hf_colossal.build_optimizer("lars", model, lr=1e-3, weight_decay=1e-4)
+    import pytorch_optimizer as po
+
+    if name == "po_lamb":
+        return po.Lamb(params, lr=1e-4, weight_decay=0.01)
+    if name == "po_lars":
+        return po.LARS(params, lr=1e-3, weight_decay=1e-4)
+    raise SystemExit(f"unknown optimizer {name}")
+
+
+def make_model(kind):
+    from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
+
+    if kind == "llama271m":
+        config = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+                             num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=1024,
+                             use_cache=False)
+        return LlamaForCausalLM(config), 32000
+    config = BertConfig()  # bert-base-uncased shape: 12 x 768, 110M parameters
+    return BertForMaskedLM(config), config.vocab_size
+
+
+def one(name, kind, steps=60, warm=5):
+    import torch
+
+    torch.manual_seed(0)
+    model, vocab = make_model(kind)
+    model = model.cuda()
+    n_params = sum(p.numel() for p in model.parameters())
+    data = [torch.randint(0, vocab, (8, 512), device="cuda") for _ in range(4)]
+    opt = build(name, model)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step_ms, opt_ms = [], []
+    for i in range(warm + steps):
+        x = data[i % 4]
+        start, mid, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        start.record()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        mid.record()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        end.record()
+        torch.cuda.synchronize()
+        if i >= warm:
+            step_ms.append(start.elapsed_time(end))
+            opt_ms.append(mid.elapsed_time(end))
+    median = sorted(step_ms)[len(step_ms) // 2]
+    return dict(name=name, model=kind, params_M=round(n_params / 1e6, 1), step_ms_median=round(median, 2),
+                step_ms_mean=round(sum(step_ms) / len(step_ms), 2),
+                opt_ms_mean=round(sum(opt_ms) / len(opt_ms), 3),
+                opt_ms_median=round(sorted(opt_ms)[len(opt_ms) // 2], 3),
+                peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2), final_loss=round(loss.item(), 3))
+
+
+def copy_bandwidth_tb_s():
+    import torch
+
+    x = torch.empty(2**30, dtype=torch.float32, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(10):
+        y.copy_(x)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 4 * 10 / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="llama271m", choices=["llama271m", "bert_base"])
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("names", nargs="*", default=NAMES)
+    ns = parser.parse_args()
+    if ns.one:
+        print("RESULT " + json.dumps(one(ns.one, ns.model)), flush=True)
+        return
+    import torch
+    import transformers
+
+    bandwidth = copy_bandwidth_tb_s()
+    print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} transformers {transformers.__version__}"
+          f" copy bandwidth {bandwidth:.2f} TB/s model {ns.model}", flush=True)
+    rows = {}
+    for name in ns.names:
+        started = time.time()
+        out = subprocess.run([sys.executable, __file__, "--model", ns.model, "--one", name], capture_output=True,
+                             text=True, timeout=300)
+        line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+        if not line:
+            print(f"FAIL {name}: {out.stderr[-1500:]}", flush=True)
+            continue
+        rows[name] = json.loads(line[0][7:])
+        rows[name]["wall_s"] = round(time.time() - started, 1)
+        print(json.dumps(rows[name]), flush=True)
+    print("\n| optimizer | step ms median | opt ms mean | opt / baseline | achieved / copy bandwidth | peak GiB |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        baseline = rows.get("sgd_foreach" if BYTES_PER_PARAM[name] == 16 else "adamw_fused")
+        ratio = r["opt_ms_mean"] / baseline["opt_ms_mean"] if baseline else float("nan")
+        achieved = BYTES_PER_PARAM[name] * r["params_M"] * 1e6 / (r["opt_ms_mean"] / 1e3) / 1e12
+        print(f"| {name} | {r['step_ms_median']} | {r['opt_ms_mean']} | {ratio:.2f} | {achieved / bandwidth:.2f} |"
+              f" {r['peak_GiB']} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -77,3 +77,18 @@ def test_autoload_is_cheap_and_imports_nothing_heavy():
     cumulative_us = [int(line.split("|")[1]) for line in result.stderr.splitlines()
                      if line.startswith("import time:") and line.split("|")[-1].strip() == "hf_colossal"]
     assert cumulative_us and cumulative_us[0] < 20_000, cumulative_us
+
+
+def test_with_autoload_off_importing_the_package_registers_even_after_transformers():
+    code = (
+        "from transformers import HfArgumentParser, Trainer, TrainingArguments\n"
+        "import transformers.trainer_optimizer as registry\n"
+        "assert 'lamb' not in registry._OPTIMIZER_HANDLERS\n"
+        "import hf_colossal\n"
+        "(args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses("
+        "['--output_dir', 'o', '--optim', 'lamb', '--report_to', 'none'])\n"
+        "print(Trainer.get_optimizer_cls_and_kwargs(args)[0].__name__)"
+    )
+    result = run_python(["-c", code], env={"HF_COLOSSAL_AUTOLOAD": "0"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("Lamb")

@@ -137,7 +137,7 @@ def register_optimizer_handlers(trainer_optimizer: ModuleType) -> None:
     handlers = getattr(trainer_optimizer, "_OPTIMIZER_HANDLERS", None)
     if handlers is None:
         raise ImportError(
-            "hf_colossal needs transformers>=5.0 (transformers.trainer_optimizer._OPTIMIZER_HANDLERS not found)"
+            "hf_colossal needs transformers>=5.17 (transformers.trainer_optimizer._OPTIMIZER_HANDLERS not found)"
         )
     names_enum = trainer_optimizer.OptimizerNames
     for name, spec in _REGISTRY.items():

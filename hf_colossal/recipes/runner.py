@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 
 from .data import load_embedded_dataset, minilm_model_path, train_bpe_tokenizer, unigram_cross_entropy
-from .schema import Recipe, RecipeError
+from .schema import RECIPE_CALLBACKS, Recipe, RecipeError, build_slot_entry
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +246,7 @@ def run_recipe(recipe: Recipe) -> dict[str, Any]:
             data_collator=setup.data_collator,
             processing_class=setup.tokenizer,
             compute_metrics=setup.compute_metrics,
+            callbacks=[build_slot_entry(e, RECIPE_CALLBACKS, recipe.source, "callbacks") for e in recipe.callbacks],
         )
         train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
         eval_metrics = trainer.evaluate()

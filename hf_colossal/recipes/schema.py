@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from ..callbacks import LRScalingCallback, WarmupCallback
+
 TASKS = ("sequence_classification", "causal_lm")
 
 
@@ -76,9 +78,10 @@ class Recipe:
         return data
 
 
-#: Names later features register for the ``callbacks:`` and ``plugins:`` slots.
-RECIPE_CALLBACKS: dict[str, Any] = {}
-RECIPE_PLUGINS: dict[str, Any] = {}
+#: What the ``callbacks:`` and ``plugins:`` slots accept, by name. An entry is the name alone or a mapping with
+#: ``name`` and the constructor's keyword arguments, e.g. ``{name: lr_scaling, reference_batch_size: 32}``.
+RECIPE_CALLBACKS: dict[str, type] = {"lr_scaling": LRScalingCallback, "warmup": WarmupCallback}
+RECIPE_PLUGINS: dict[str, type] = {}
 
 
 def _fail(source: str, field: str, message: str) -> RecipeError:
@@ -113,15 +116,25 @@ def _check_training(training: Any, source: str) -> dict[str, Any]:
     return dict(training)
 
 
-def _check_slot(values: Any, registry: dict[str, Any], source: str, field: str) -> list[Any]:
+def build_slot_entry(entry: Any, registry: dict[str, type], source: str, field: str) -> Any:
+    """Construct one ``callbacks:`` / ``plugins:`` entry; errors name the file, the field and the choices."""
+    options = {"name": entry} if isinstance(entry, str) else dict(entry or {})
+    name = options.pop("name", None)
+    if name not in registry:
+        raise _fail(source, field, f"unknown entry {name!r}; allowed: {', '.join(sorted(registry)) or 'none yet'}")
+    try:
+        return registry[name](**options)
+    except (TypeError, ValueError) as err:
+        raise _fail(source, f"{field}.{name}", str(err)) from None
+
+
+def _check_slot(values: Any, registry: dict[str, type], source: str, field: str) -> list[Any]:
     if values is None:
         return []
     if not isinstance(values, list):
         raise _fail(source, field, "must be a list")
     for value in values:
-        name = value if isinstance(value, str) else (value or {}).get("name")
-        if name not in registry:
-            raise _fail(source, field, f"unknown entry {name!r}; allowed: {', '.join(sorted(registry)) or 'none yet'}")
+        build_slot_entry(value, registry, source, field)
     return values
 
 

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from transformers import AutoTokenizer
 
 from hf_colossal.recipes.data import load_bbc_news, minilm_model_path
 
@@ -31,3 +32,15 @@ def bbc_jsonl(tmp_path_factory, bbc_small):
         paths.append(str(path))
     return tuple(paths)
 
+
+@pytest.fixture(scope="session")
+def tokenized(minilm_path, bbc_small):
+    """The small BBC split tokenized to 32 tokens for MiniLM: (tokenizer, train, eval)."""
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+
+    def encode(batch):
+        return tokenizer(batch["text"], truncation=True, max_length=32)
+
+    train, evaluation = (split.map(encode, batched=True, remove_columns=["text"]).rename_column("label", "labels")
+                         for split in bbc_small)
+    return tokenizer, train, evaluation

@@ -41,7 +41,9 @@ def test_builtin_recipes_are_valid():
         ({"model": {"embeded": "minilm"}}, r"field 'model.embeded': unknown field; allowed: embedded"),
         ({"model": {}}, r"field 'model': set exactly one of embedded, name_or_path, from_config"),
         ({"training": {"learning_rat": 1e-3}}, r"field 'training.learning_rat': .*did you mean learning_rate"),
-        ({"callbacks": ["lr_scaling"]}, r"field 'callbacks': unknown entry 'lr_scaling'"),
+        ({"callbacks": ["lr_scale"]}, r"field 'callbacks': unknown entry 'lr_scale'; allowed: lr_scaling, warmup"),
+        ({"callbacks": [{"name": "warmup", "steps": 3}]}, r"field 'callbacks.warmup': .*unexpected keyword argument 'steps'"),
+        ({"callbacks": [{"name": "lr_scaling", "reference_batch_size": 32, "rule": "cube"}]}, r"valid rules: linear, sqrt, none"),
     ],
 )
 def test_recipe_errors_name_file_field_and_choices(tmp_path, change, match):
@@ -95,10 +97,15 @@ def test_failed_run_leaves_no_finished_record(tmp_path):
 def test_kjv_lm_learns_below_start_and_unigram(tmp_path):
     out = tmp_path / "kjv"
     metrics = run_recipe(load_recipe("kjv_causal_lm", [*KJV_TINY, f"training.output_dir={out}",
-                                                       "training.max_steps=250", "training.eval_steps=250"]))
+                                                       "training.max_steps=250", "training.eval_steps=250",
+                                                       "training.warmup_steps=0", "callbacks=[{name: lr_scaling, "
+                                                       "reference_batch_size: 4}, {name: warmup, warmup_steps: 25,"
+                                                       " shape: gradual}]"]))
     assert metrics["eval_loss"] < metrics["eval_loss_at_start"] - 1.0
     assert metrics["eval_loss"] < metrics["unigram_eval_loss"] - 0.1
     assert (out / "tokenizer" / "tokenizer.json").exists()
+    lrs = [e["learning_rate"] for e in json.loads((out / "metrics.json").read_text())["log_history"] if "learning_rate" in e]
+    assert 1.8e-2 < max(lrs) <= 2e-2  # 1e-2 tuned for batch 4, scaled x2 for batch 8 (cosine decay from step 0)
 
 
 def test_accelerate_launch_two_processes_through_the_module_entry_point(tmp_path):

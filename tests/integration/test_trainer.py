@@ -5,44 +5,13 @@ import json
 
 import pytest
 import torch
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    HfArgumentParser,
-    Trainer,
-    TrainingArguments,
-)
+from transformers import AutoModelForSequenceClassification, HfArgumentParser, Trainer, TrainingArguments
 
 from hf_colossal import Lamb, Lars
 from hf_colossal.config import OptionsError
 from hf_colossal.integrations.transformers import validate_training_arguments
 
-
-@pytest.fixture(scope="module")
-def tokenized(minilm_path, bbc_small):
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
-
-    def encode(batch):
-        return tokenizer(batch["text"], truncation=True, max_length=32)
-
-    train, evaluation = (split.map(encode, batched=True, remove_columns=["text"]).rename_column("label", "labels")
-                         for split in bbc_small)
-    return tokenizer, train, evaluation
-
-
-def make_trainer(tmp_path, tokenized, minilm_path, model=None, trainer_cls=Trainer, args_cls=TrainingArguments, **kw):
-    tokenizer, train, evaluation = tokenized
-    settings = dict(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=4, learning_rate=2e-3,
-        weight_decay=0.01, report_to="none", save_strategy="no", logging_steps=1, seed=0, use_cpu=True,
-        dataloader_num_workers=0, disable_tqdm=True,
-    )
-    settings.update(kw)
-    args = args_cls(**settings)
-    model = model or AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=5)
-    return trainer_cls(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
-                       processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer))
+from .trainers import make_trainer
 
 
 def test_arguments_accept_our_names_and_record_plain_strings():

@@ -20,9 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
 
+from ..nn import apply_ghost_batch_norm
+
 from .data import load_embedded_dataset, minilm_model_path, train_bpe_tokenizer, unigram_cross_entropy
+from .models import IMAGE_MODELS
 from .schema import RECIPE_CALLBACKS, Recipe, RecipeError, build_slot_entry
 
 logger = logging.getLogger(__name__)
@@ -91,6 +95,10 @@ def load_data(recipe: Recipe):
     return datasets.DatasetDict(train=loaded[data.train_split], eval=loaded[data.eval_split])
 
 
+def _accuracy(prediction: Any) -> dict[str, float]:
+    return {"accuracy": float((np.argmax(prediction.predictions, axis=-1) == prediction.label_ids).mean())}
+
+
 def _sequence_classification(recipe: Recipe, args: Any) -> TaskSetup:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
@@ -116,16 +124,13 @@ def _sequence_classification(recipe: Recipe, args: Any) -> TaskSetup:
         label2id={n: i for i, n in enumerate(names)},
     )
 
-    def accuracy(prediction: Any) -> dict[str, float]:
-        return {"accuracy": float((np.argmax(prediction.predictions, axis=-1) == prediction.label_ids).mean())}
-
     return TaskSetup(
         model=model,
         tokenizer=tokenizer,
         train_dataset=tokenized["train"],
         eval_dataset=tokenized["eval"],
         data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=accuracy,
+        compute_metrics=_accuracy,
     )
 
 
@@ -179,9 +184,28 @@ def _causal_lm(recipe: Recipe, args: Any) -> TaskSetup:
     )
 
 
+def _image_classification(recipe: Recipe, args: Any) -> TaskSetup:
+    from transformers import default_data_collator
+
+    data = recipe.data
+    splits = load_data(recipe).rename_column(data.label_column, "labels")
+    settings = dict(recipe.model.from_config)
+    model_type = settings.pop("model_type", None)
+    if model_type not in IMAGE_MODELS:
+        raise RecipeError(f"{recipe.source}: field 'model.from_config.model_type': {model_type!r}; allowed: "
+                          f"{', '.join(IMAGE_MODELS)}")
+    torch.manual_seed(args.seed)
+    model = IMAGE_MODELS[model_type](num_labels=splits["train"].features["labels"].num_classes, **settings)
+    if recipe.model.ghost_batch_size:
+        apply_ghost_batch_norm(model, recipe.model.ghost_batch_size)
+    return TaskSetup(model=model, tokenizer=None, train_dataset=splits["train"], eval_dataset=splits["eval"],
+                     data_collator=default_data_collator, compute_metrics=_accuracy)
+
+
 TASKS: dict[str, Callable[[Recipe, Any], TaskSetup]] = {
     "sequence_classification": _sequence_classification,
     "causal_lm": _causal_lm,
+    "image_classification": _image_classification,
 }
 
 

@@ -1,7 +1,7 @@
 """The recipe file: a YAML document that names a model, data, a task and TrainingArguments.
 
 ```yaml
-task: sequence_classification        # or causal_lm
+task: sequence_classification        # or causal_lm, image_classification
 model:
   embedded: minilm                   # a model shipped in a package, or
   # name_or_path: bert-base-uncased  # a hub name / local folder (online users), or
@@ -31,7 +31,7 @@ import yaml
 
 from ..callbacks import LRScalingCallback, WarmupCallback
 
-TASKS = ("sequence_classification", "causal_lm")
+TASKS = ("sequence_classification", "causal_lm", "image_classification")
 
 
 class RecipeError(ValueError):
@@ -45,6 +45,7 @@ class ModelSection:
     from_config: dict[str, Any] | None = None
     tokenizer: str | None = None
     bpe_vocab_size: int = 4096
+    ghost_batch_size: int | None = None  # replace BatchNorm layers by ghost batch norm (Hoffer et al. 2017)
 
 
 @dataclasses.dataclass
@@ -152,8 +153,11 @@ def recipe_from_dict(raw: Any, source: str = "<recipe>") -> Recipe:
     given = [k for k in ("embedded", "name_or_path", "from_config") if getattr(model, k) is not None]
     if len(given) != 1:
         raise _fail(source, "model", f"set exactly one of embedded, name_or_path, from_config (got {given or 'none'})")
-    if model.from_config is not None and task != "causal_lm":
-        raise _fail(source, "model.from_config", "a model from config is supported for task causal_lm only")
+    if model.from_config is not None and task == "sequence_classification":
+        raise _fail(source, "model.from_config", "a model from config is supported for causal_lm and "
+                    "image_classification; use embedded or name_or_path for sequence_classification")
+    if task == "image_classification" and model.from_config is None:
+        raise _fail(source, "model", "image_classification builds its model from_config (model_type: small_cnn)")
     data = _section(DataSection, raw.get("data"), source, "data")
     given = [k for k in ("embedded", "train_file", "hub_dataset") if getattr(data, k) is not None]
     if len(given) != 1:

@@ -117,3 +117,20 @@ def test_accelerate_launch_two_processes_through_the_module_entry_point(tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "status.json").read_text())["status"] == "completed"
     assert json.loads((out / "metrics.json").read_text())["metrics"]["global_step"] == 4
+
+
+def test_digits_cnn_with_ghost_batch_norm_and_large_batch_callbacks(tmp_path):
+    metrics = run_recipe(load_recipe("digits_cnn_large_batch", [
+        f"training.output_dir={tmp_path / 'digits'}", "training.num_train_epochs=3", "training.disable_tqdm=true",
+        "training.per_device_train_batch_size=64", "model.ghost_batch_size=16",
+        "callbacks=[{name: lr_scaling, reference_batch_size: 32}, {name: warmup, warmup_steps: 10, shape: gradual}]",
+    ]))
+    assert metrics["eval_accuracy"] > 0.85 and metrics["global_step"] == 3 * 23
+
+
+def test_image_task_needs_a_model_from_config(tmp_path):
+    with pytest.raises(RecipeError, match="image_classification builds its model from_config"):
+        load_recipe("digits_cnn_large_batch", ["model.from_config=null", "model.embedded=minilm"])
+    with pytest.raises(RecipeError, match=r"model_type.*allowed: small_cnn"):
+        run_recipe(load_recipe("digits_cnn_large_batch", ["model.from_config.model_type=resnet",
+                                                          f"training.output_dir={tmp_path}"]))

@@ -8,7 +8,12 @@ zero_grad; "opt ms" is the part from the end of backward to the end of zero_grad
 
 Prints one JSON line per optimizer, then a table with ratios to AdamW(fused) (LAMB) and SGD(foreach) (LARS)
 and the achieved bandwidth as a fraction of the measured copy bandwidth (28 bytes per fp32 parameter for an
-Adam-like step: read p, g, m, v; write p, m, v — 16 bytes for SGD momentum: read p, g, b; write p, b).
+Adam-like step: read p, g, m, v; write p, m, v — 16 bytes for SGD momentum: read p, g, b; write p, b). These are
+the minimal bytes of each update, not what an implementation moves (the fused LAMB moves 44 B/param, 40 with
+nonfinite=apply; the fused LARS 28 B/param), so the fraction compares implementations on the same yardstick.
+
+"lamb" and "lars" take the fused Triton path on CUDA (fused=None); "lamb_foreach" and "lars_foreach" are the same
+optimizers forced onto the torch._foreach_* path (fused=False).
 """
 
 import argparse
@@ -17,9 +22,10 @@ import subprocess
 import sys
 import time
 
-NAMES = ["adamw_fused", "sgd_foreach", "lamb", "lamb_apply", "lars", "po_lamb", "po_lars"]
-BYTES_PER_PARAM = {"adamw_fused": 28, "lamb": 28, "lamb_apply": 28, "po_lamb": 28,
-                   "sgd_foreach": 16, "lars": 16, "po_lars": 16}
+NAMES = ["adamw_fused", "sgd_foreach", "lamb", "lamb_apply", "lamb_foreach", "lars", "lars_foreach", "po_lamb",
+         "po_lars"]
+BYTES_PER_PARAM = {"adamw_fused": 28, "lamb": 28, "lamb_apply": 28, "lamb_foreach": 28, "po_lamb": 28,
+                   "sgd_foreach": 16, "lars": 16, "lars_foreach": 16, "po_lars": 16}
 
 
 def build(name, model):
@@ -38,6 +44,11 @@ def build(name, model):
         return hf_colossal.build_optimizer("lamb", model, lr=1e-4, weight_decay=0.01, options="nonfinite=apply")
     if name == "lars":
         return hf_colossal.build_optimizer("lars", model, lr=1e-3, weight_decay=1e-4)
+    if name in ("lamb_foreach", "lars_foreach"):
+        optimizer = build(name.split("_")[0], model)
+        for group in optimizer.param_groups:
+            group["fused"] = False
+        return optimizer
     import pytorch_optimizer as po
 
     if name == "po_lamb":
@@ -115,9 +126,14 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="llama271m", choices=["llama271m", "bert_base"])
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--fused-config", help="BLOCK,ITERS,NUM_WARPS of the fused Triton kernels (tuning)")
     parser.add_argument("names", nargs="*", default=NAMES)
     ns = parser.parse_args()
     if ns.one:
+        if ns.fused_config:
+            from hf_colossal.optim import _triton
+
+            _triton.BLOCK, _triton.ITERS, _triton.NUM_WARPS = (int(v) for v in ns.fused_config.split(","))
         print("RESULT " + json.dumps(one(ns.one, ns.model)), flush=True)
         return
     import torch
@@ -129,8 +145,9 @@ def main():
     rows = {}
     for name in ns.names:
         started = time.time()
-        out = subprocess.run([sys.executable, __file__, "--model", ns.model, "--one", name], capture_output=True,
-                             text=True, timeout=300)
+        config = ["--fused-config", ns.fused_config] if ns.fused_config else []
+        out = subprocess.run([sys.executable, __file__, "--model", ns.model, "--one", name, *config],
+                             capture_output=True, text=True, timeout=300)
         line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
         if not line:
             print(f"FAIL {name}: {out.stderr[-1500:]}", flush=True)

@@ -7,6 +7,11 @@ non-finite gradient policy to the whole optimizer (:func:`nonfinite_policy_allow
 functional core once per (device, dtype) bucket (:func:`group_by_device_and_dtype`) with the math in fp32
 (:func:`math_precision`) and the layer-wise trust ratio of :func:`trust_ratios`.
 
+The fused (Triton) path of :mod:`._triton` shares the hyperparameter checks, the path choice
+(:func:`use_fused_path`), the step-count placement (:func:`place_step`), the skip counter that lives on the device
+(:class:`ParamGroup`), the undoing of state that a skipped or failed first step created (:func:`drop_new_state`) and
+the reuse of a step's host-side work (:func:`fused_fast_step`).
+
 Pure torch: nothing here may import transformers or accelerate.
 """
 
@@ -43,7 +48,7 @@ def is_real(value: Any) -> bool:
 
 
 def check_common_hyperparameters(hyperparameters: dict[str, Any], where: str) -> None:
-    """Validate the hyperparameters both optimizers share: lr, weight_decay, eps, nonfinite, foreach, the flags."""
+    """Validate the hyperparameters both optimizers share: lr, weight_decay, eps, nonfinite, foreach, fused, flags."""
     for name in ("lr", "weight_decay", "eps"):
         value = hyperparameters[name]
         require(is_real(value) and value >= 0, where, name, value, f"expected a real number with {name} >= 0")
@@ -55,7 +60,16 @@ def check_common_hyperparameters(hyperparameters: dict[str, Any], where: str) ->
         where,
         "foreach",
         foreach,
-        "expected None or True (only the multi-tensor foreach implementation exists)",
+        "expected None or True (fused=False selects the multi-tensor foreach implementation)",
+    )
+    fused = hyperparameters["fused"]
+    require(fused is None or isinstance(fused, bool), where, "fused", fused, "expected None, True or False")
+    require(
+        not (fused is True and foreach is True),
+        where,
+        "fused",
+        fused,
+        "fused=True and foreach=True exclude each other",
     )
     for name in ("adapt", "always_adapt"):
         require(isinstance(hyperparameters[name], bool), where, name, hyperparameters[name], "expected a bool")
@@ -67,6 +81,209 @@ def check_common_hyperparameters(hyperparameters: dict[str, Any], where: str) ->
         skips,
         "expected an int >= 0 (a counter the optimizer maintains)",
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Param groups whose non-finite skip counter may live on the device
+
+
+class ParamGroup(dict):
+    """A param group (a ``dict``) whose ``nonfinite_skips`` may have increments pending in a device counter.
+
+    The fused path decides on the device whether a step is skipped, so it cannot add 1 to a Python int without a
+    host sync. Instead every group of an optimizer refers to one int64 device tensor that the fused kernels add
+    the skipped steps to (all groups count every skip, so one counter serves them all). Reading
+    ``group["nonfinite_skips"]`` (also through ``get``, ``items`` or ``values``, hence in ``state_dict()``)
+    materialises the pending increments into the stored int, at the cost of one host sync; setting it discards
+    the pending ones. On the foreach path no counter is attached and the group is a plain dict.
+    """
+
+    _skip_counter: Tensor | None = None
+    _skip_base: Tensor | int = 0  # the counter's value already counted in the stored int
+
+    def attach_skip_counter(self, counter: Tensor) -> None:
+        """Count the skips that ``counter`` records from now on (no host sync unless another counter was attached)."""
+        if self._skip_counter is counter:
+            return
+        self.settle_nonfinite_skips()
+        self._skip_counter = counter
+        self._skip_base = counter.clone()
+
+    def settle_nonfinite_skips(self) -> None:
+        """Add the pending device-side skips to the stored ``nonfinite_skips`` (one host sync when attached)."""
+        counter = self._skip_counter
+        if counter is None:
+            return
+        total = int(counter.item())
+        base = self._skip_base if isinstance(self._skip_base, int) else int(self._skip_base.item())
+        self._skip_base = total
+        if total != base:
+            dict.__setitem__(self, "nonfinite_skips", dict.__getitem__(self, "nonfinite_skips") + total - base)
+
+    def __getitem__(self, key: Any) -> Any:
+        if key == "nonfinite_skips":
+            self.settle_nonfinite_skips()
+        return super().__getitem__(key)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if key == "nonfinite_skips" and self._skip_counter is not None:
+            self._skip_base = self._skip_counter.clone()
+        super().__setitem__(key, value)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if key == "nonfinite_skips":
+            self.settle_nonfinite_skips()
+        return super().get(key, default)
+
+    def items(self):  # type: ignore[override]
+        self.settle_nonfinite_skips()
+        return super().items()
+
+    def values(self):  # type: ignore[override]
+        self.settle_nonfinite_skips()
+        return super().values()
+
+
+def device_skip_counter(optimizer: Optimizer, device: torch.device) -> Tensor:
+    """The optimizer's device-side skip counter (created on ``device``), attached to every param group."""
+    counter = getattr(optimizer, "_nonfinite_skip_counter", None)
+    if counter is None or counter.device != device:
+        counter = torch.zeros((), dtype=torch.int64, device=device)
+        optimizer._nonfinite_skip_counter = counter  # type: ignore[attr-defined]
+    for group in optimizer.param_groups:
+        group.attach_skip_counter(counter)
+    return counter
+
+
+def load_state_dict_keeping_implementation(optimizer: Optimizer, state_dict: dict[str, Any], load: Any) -> None:
+    """``load(state_dict)`` (``Optimizer.load_state_dict``), then fix up the param groups.
+
+    torch replaces every group key with the checkpoint's; ``fused`` and ``foreach`` choose an implementation for
+    this process, not a hyperparameter, so they keep the loading optimizer's values (a checkpoint of a fused GPU
+    run loads into a CPU optimizer; one saved before ``fused`` existed loads too). The groups become
+    :class:`ParamGroup` again and any pending device-side skip counts are dropped (the checkpoint's counts hold).
+    """
+    implementation = [{key: group[key] for key in ("fused", "foreach")} for group in optimizer.param_groups]
+    load(state_dict)
+    optimizer.param_groups = [
+        ParamGroup({**group, **chosen}) for group, chosen in zip(optimizer.param_groups, implementation)
+    ]
+    optimizer._nonfinite_skip_counter = None  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Choosing the path; state shared by both paths
+
+
+def use_fused_path(
+    optimizer_name: str, param_groups: list[dict[str, Any]], params_and_grads: list[tuple[list[Tensor], list[Tensor]]]
+) -> bool:
+    """Whether this step runs the fused (Triton) path.
+
+    Groups with ``fused=False`` force the foreach path; ``fused=None`` (default) takes the fused path when every
+    parameter with a gradient is a contiguous fp32/bf16/fp16 CUDA tensor and triton is importable; ``fused=True``
+    requires it and raises ``RuntimeError`` naming why it cannot run.
+    """
+    requested = {group["fused"] for group, (params, _) in zip(param_groups, params_and_grads) if params}
+    if False in requested:
+        if True in requested:
+            raise ValueError(f"{optimizer_name}: param groups ask for both fused=True and fused=False")
+        return False
+    from . import _triton
+
+    params = [p for params, _ in params_and_grads for p in params]
+    grads = [g for _, grads in params_and_grads for g in grads]
+    if True not in requested and any(p.device.type != "cuda" for p in params):
+        return False  # fused=None never picks the (slow) Triton interpreter on CPU tensors
+    reason = _triton.unsupported_reason(params, grads)
+    if reason is None:
+        return True
+    if True in requested:
+        raise RuntimeError(f"{optimizer_name}(fused=True) cannot run: {reason}; use fused=None or fused=False")
+    return False
+
+
+def check_fused_request(optimizer_name: str, param_group: dict[str, Any]) -> None:
+    """At construction: raise ``RuntimeError`` if a group asks for ``fused=True`` but the fused path cannot run."""
+    if param_group.get("fused") is not True:
+        return
+    from . import _triton
+
+    reason = _triton.unsupported_reason(list(param_group["params"]))
+    if reason is not None:
+        raise RuntimeError(f"{optimizer_name}(fused=True) cannot run: {reason}; use fused=None or fused=False")
+
+
+def place_step(state: dict[str, Any], device: torch.device) -> Tensor:
+    """Move ``state["step"]`` to ``device`` as a float32 scalar if it is elsewhere, and return it.
+
+    The foreach path keeps step counts on the CPU (reading them is no GPU sync); the fused path keeps them on the
+    parameter's device (the kernels read and advance them, like torch's fused/capturable Adam). Checkpoints of
+    either path load into the other: the count moves on the first step after loading (a one-time copy).
+    """
+    step = state["step"]
+    if step.device != device or step.dtype != torch.float32:
+        step = step.to(device=device, dtype=torch.float32, non_blocking=device.type != "cpu")
+        state["step"] = step
+    return step
+
+
+def run_fused(optimizer: Optimizer, buckets: list[Any], new_params: list[Tensor], launch: Any) -> None:
+    """Run ``launch(buckets, skip_counter)`` (a fused step) and undo the state it created if it wrote nothing."""
+    any_check = any(bucket.check for bucket in buckets)
+    counter = device_skip_counter(optimizer, buckets[0].bucket.device) if any_check else None
+    try:
+        flags = launch(buckets, counter)
+    except FloatingPointError:
+        drop_new_state(optimizer, new_params, None)
+        raise
+    if any_check:
+        drop_new_state(optimizer, new_params, flags)
+
+
+def remember_fused_plan(optimizer: Optimizer, entries: list[Any], new_params: list[Tensor], state_keys: Any) -> None:
+    """Cache the buckets of a fused step for the next steps (not after a step that created state)."""
+    from . import _triton
+
+    plan = None if new_params else _triton.make_plan(optimizer.param_groups, optimizer.state, state_keys, entries)
+    optimizer.__dict__["_fused_plan"] = plan
+
+
+def fused_fast_step(optimizer: Optimizer, state_keys: Any, hyper: Any, launch: Any) -> bool:
+    """Run a fused step from the cached plan if nothing it depends on changed; return whether it ran.
+
+    This skips the per-parameter checks and bucketing of the full path: a step then costs the host one pass
+    over the parameters (:func:`~._triton.plan_signature`) and the launches, which is what keeps the GPU from
+    idling between the backward pass and the update.
+    """
+    plan = optimizer.__dict__.get("_fused_plan")
+    if plan is None or any(group["fused"] is False for group in optimizer.param_groups):
+        return False
+    from . import _triton
+
+    signature = _triton.plan_signature(optimizer.param_groups, optimizer.state, state_keys)
+    if signature is None or signature[0] != plan.static:
+        optimizer.__dict__["_fused_plan"] = None
+        return False
+    run_fused(optimizer, _triton.plan_buckets(optimizer, plan, signature[1], hyper), [], launch)
+    return True
+
+
+def drop_new_state(optimizer: Optimizer, new_params: list[Tensor], flags: dict[torch.device, Tensor] | None) -> None:
+    """Forget the state that a fused step created for ``new_params`` if that step wrote nothing.
+
+    ``flags`` None means the step raised; otherwise its skip flags are read (one host sync, only on steps that
+    created state, e.g. the first one). Like the foreach path, a skipped first step then leaves no state behind.
+    """
+    if not new_params:
+        return
+    if flags is not None:
+        from . import _triton
+
+        if not _triton.was_skipped(flags):
+            return
+    for param in new_params:
+        optimizer.state.pop(param, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

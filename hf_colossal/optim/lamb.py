@@ -18,26 +18,35 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
+from . import _triton
 from ._foreach import (
+    ParamGroup,
     check_common_hyperparameters,
+    check_fused_request,
+    fused_fast_step,
     foreach_norms,
     global_l2_norm,
     group_by_device_and_dtype,
     is_real,
+    load_state_dict_keeping_implementation,
     math_dtype,
     math_precision,
     nonfinite_policy_allows_step,
     params_with_grads,
+    place_step,
     require,
+    remember_fused_plan,
     restore_state_precision,
+    run_fused,
     trust_ratios,
+    use_fused_path,
 )
 
 __all__ = ["Lamb", "lamb"]
 
 
 class Lamb(Optimizer):
-    r"""LAMB (You et al. 2019, Algorithm 2), multi-tensor implementation.
+    r"""LAMB (You et al. 2019, Algorithm 2), multi-tensor (foreach) and fused (Triton, CUDA) implementations.
 
     For each parameter :math:`x` with gradient :math:`g` at step :math:`t` (math in fp32):
 
@@ -76,10 +85,19 @@ class Lamb(Optimizer):
         nonfinite: what a step does when any gradient is inf/NaN: ``"skip"`` it entirely (parameters, state and
             step counts untouched) and count it in every group's ``nonfinite_skips``; ``"error"``: raise
             ``FloatingPointError``; ``"apply"``: no check (under a ``GradScaler``, which checks itself).
-        foreach: ``None`` or ``True``; only the multi-tensor (``torch._foreach_*``) implementation exists.
+        foreach: ``None`` or ``True``; ``fused=False`` is what selects the foreach implementation.
+        fused: ``None`` (default): the fused Triton path (:mod:`hf_colossal.optim._triton`) when every parameter
+            with a gradient is a contiguous fp32/bf16/fp16 CUDA tensor and triton is installed, else the
+            multi-tensor ``torch._foreach_*`` path; ``True``: require the fused path (``RuntimeError`` naming why
+            it cannot run); ``False``: always the foreach path.
 
-    State per parameter: ``step`` (float32 scalar on the CPU), ``exp_avg`` and ``exp_avg_sq`` (fp32 for fp16/bf16
+    State per parameter: ``step`` (float32 scalar: on the CPU on the foreach path, on the parameter's device on the
+    fused path; either checkpoint loads into either path), ``exp_avg`` and ``exp_avg_sq`` (fp32 for fp16/bf16
     parameters, else the parameter dtype). fp16/bf16 parameters get the update computed in fp32 and rounded back.
+
+    The fused path does no host sync in a step: it skips a step with a non-finite gradient on the device, and the
+    skips it counts reach ``nonfinite_skips`` when that key is read (see :class:`~._foreach.ParamGroup`). A step
+    that creates state (the first) reads the skip flag once, so that a skipped first step leaves no state.
     """
 
     def __init__(
@@ -98,6 +116,7 @@ class Lamb(Optimizer):
         pre_normalization_max_norm: float = 1.0,
         nonfinite: str = "skip",
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -114,33 +133,46 @@ class Lamb(Optimizer):
             "nonfinite": nonfinite,
             "nonfinite_skips": 0,
             "foreach": foreach,
+            "fused": fused,
         }
         _check_hyperparameters(defaults, "Lamb")
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group after validating its hyperparameters (the group's own keys over the defaults)."""
-        _check_hyperparameters({**self.defaults, **param_group}, f"Lamb param group {len(self.param_groups)}")
+        where = f"Lamb param group {len(self.param_groups)}"
+        _check_hyperparameters({**self.defaults, **param_group}, where)
+        param_group = ParamGroup(param_group)
         super().add_param_group(param_group)
+        check_fused_request("Lamb", param_group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load like ``torch.optim.Optimizer``, keeping the state of fp16/bf16 parameters in fp32."""
-        super().load_state_dict(state_dict)
+        """Load like ``torch.optim.Optimizer``, keeping the state of fp16/bf16 parameters in fp32 and this
+        optimizer's ``fused``/``foreach`` choice."""
+        load_state_dict_keeping_implementation(self, state_dict, super().load_state_dict)
         restore_state_precision(self, state_dict)
 
-    def _init_group(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """Create missing state; return the ``exp_avg``, ``exp_avg_sq`` and ``step`` tensors of ``params``."""
+    def _init_group(
+        self, params: list[Tensor], *, fused: bool = False, new_params: list[Tensor] | None = None
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Create missing state; return the ``exp_avg``, ``exp_avg_sq`` and ``step`` tensors of ``params``.
+
+        The step counts live on the CPU for the foreach path (like torch's non-capturable Adam: reading them is no
+        GPU sync) and on the parameter's device for the fused path. Parameters that get new state are appended to
+        ``new_params``.
+        """
         exp_avgs, exp_avg_sqs, state_steps = [], [], []
         for param in params:
             state = self.state[param]
             if not state:
-                # Like torch's non-capturable Adam: the step count lives on the CPU, so reading it is no GPU sync.
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=param.device if fused else "cpu")
                 state["exp_avg"] = torch.zeros_like(param, dtype=math_dtype(param.dtype))
                 state["exp_avg_sq"] = torch.zeros_like(param, dtype=math_dtype(param.dtype))
+                if new_params is not None:
+                    new_params.append(param)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
-            state_steps.append(state["step"])
+            state_steps.append(place_step(state, param.device if fused else torch.device("cpu")))
         return exp_avgs, exp_avg_sqs, state_steps
 
     @torch.no_grad()
@@ -151,8 +183,13 @@ class Lamb(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        if fused_fast_step(self, _lamb_state_keys, self._fused_hyper, self._fused_launch):
+            return loss
         params_and_grads = [params_with_grads("Lamb", group, i) for i, group in enumerate(self.param_groups)]
         if not any(params for params, _ in params_and_grads):
+            return loss
+        if use_fused_path("Lamb", self.param_groups, params_and_grads):
+            self._fused_step(params_and_grads)
             return loss
         any_pre_normalization = any(group["grad_pre_normalization"] for group in self.param_groups)
         global_grad_norm = None
@@ -187,6 +224,56 @@ class Lamb(Optimizer):
                 max_trust_ratio=group["max_trust_ratio"],
             )
         return loss
+
+    @staticmethod
+    def _fused_hyper(group: dict[str, Any]) -> dict[str, Any]:
+        beta1, beta2 = group["betas"]
+        return {
+            "lr": group["lr"],
+            "beta1": beta1,
+            "beta2": beta2,
+            "eps": group["eps"],
+            "weight_decay": group["weight_decay"],
+            "bias_correction": group["bias_correction"],
+            "decoupled_weight_decay": group["decoupled_weight_decay"],
+            "adapt": group["adapt"] or group["always_adapt"],
+            "max_trust_ratio": group["max_trust_ratio"],
+            "pre_normalization": group["grad_pre_normalization"],
+            "pre_normalization_max_norm": group["pre_normalization_max_norm"],
+        }
+
+    def _fused_launch(self, buckets: list[_triton.GroupBucket], skip_counter: Tensor | None) -> Any:
+        global_grad_norm = None
+        if any(group["grad_pre_normalization"] for group in self.param_groups):
+            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+            global_grad_norm = global_l2_norm(foreach_norms(grads))
+        return _triton.lamb_step("Lamb", buckets, global_grad_norm=global_grad_norm, skip_counter=skip_counter)
+
+    def _fused_step(self, params_and_grads: list[tuple[list[Tensor], list[Tensor]]]) -> None:
+        """One step of every group on the fused path (:func:`hf_colossal.optim._triton.lamb_step`).
+
+        Creates missing state, buckets the tensors and builds their tables; the next steps reuse all of that
+        through :func:`~._foreach.fused_fast_step` while the tensors stay the same.
+        """
+        buckets: list[_triton.GroupBucket] = []
+        entries: list[_triton.PlanEntry] = []
+        new_params: list[Tensor] = []
+        for index, (group, (params, grads)) in enumerate(zip(self.param_groups, params_and_grads)):
+            if not params:
+                continue
+            exp_avgs, exp_avg_sqs, state_steps = self._init_group(params, fused=True, new_params=new_params)
+            hyper = self._fused_hyper(group)
+            for columns, _ in group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, state_steps]):
+                key = (index, columns[0][0].device, columns[0][0].dtype)
+                bucket = _triton.table_cache(self).bucket(key, columns)
+                buckets.append(_triton.GroupBucket(bucket, hyper, _triton.NONFINITE_CHECK[group["nonfinite"]]))
+                entries.append(_triton.PlanEntry(index, columns[0], bucket))
+        run_fused(self, buckets, new_params, self._fused_launch)
+        remember_fused_plan(self, entries, new_params, _lamb_state_keys)
+
+
+def _lamb_state_keys(group: dict[str, Any]) -> tuple[str, ...]:
+    return ("exp_avg", "exp_avg_sq", "step")
 
 
 def _check_hyperparameters(hyperparameters: dict[str, Any], where: str) -> None:

@@ -15,24 +15,33 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
+from . import _triton
 from ._foreach import (
+    ParamGroup,
     check_common_hyperparameters,
+    check_fused_request,
+    fused_fast_step,
     foreach_norms,
     group_by_device_and_dtype,
     is_real,
+    load_state_dict_keeping_implementation,
+    math_dtype,
     math_precision,
     nonfinite_policy_allows_step,
     params_with_grads,
     require,
+    remember_fused_plan,
     restore_state_precision,
+    run_fused,
     trust_ratios,
+    use_fused_path,
 )
 
 __all__ = ["Lars", "lars"]
 
 
 class Lars(Optimizer):
-    r"""LARS (You, Gitman, Ginsburg 2017) with optional LARC clipping, multi-tensor implementation.
+    r"""LARS (You, Gitman, Ginsburg 2017) with optional LARC clipping; foreach and fused (Triton, CUDA) paths.
 
     For each parameter :math:`x` with gradient :math:`g` (math in fp32):
 
@@ -71,10 +80,18 @@ class Lars(Optimizer):
         nonfinite: what a step does when any gradient is inf/NaN: ``"skip"`` it entirely (parameters and
             momentum untouched) and count it in every group's ``nonfinite_skips``; ``"error"``: raise
             ``FloatingPointError``; ``"apply"``: no check (under a ``GradScaler``, which checks itself).
-        foreach: ``None`` or ``True``; only the multi-tensor (``torch._foreach_*``) implementation exists.
+        foreach: ``None`` or ``True``; ``fused=False`` is what selects the foreach implementation.
+        fused: ``None`` (default): the fused Triton path (:mod:`hf_colossal.optim._triton`) when every parameter
+            with a gradient is a contiguous fp32/bf16/fp16 CUDA tensor and triton is installed, else the
+            multi-tensor ``torch._foreach_*`` path; ``True``: require the fused path (``RuntimeError`` naming why
+            it cannot run); ``False``: always the foreach path.
 
     State per parameter: ``momentum_buffer`` (fp32 for fp16/bf16 parameters, else the parameter dtype), only
     when ``momentum != 0``. fp16/bf16 parameters get the update computed in fp32 and rounded back.
+
+    The fused path does no host sync in a step: it skips a step with a non-finite gradient on the device, and the
+    skips it counts reach ``nonfinite_skips`` when that key is read (see :class:`~._foreach.ParamGroup`). A step
+    that creates momentum buffers (the first) reads the skip flag once, so that a skipped first step leaves none.
     """
 
     def __init__(
@@ -93,6 +110,7 @@ class Lars(Optimizer):
         lr_in_momentum: bool = False,
         nonfinite: str = "skip",
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -109,6 +127,7 @@ class Lars(Optimizer):
             "nonfinite": nonfinite,
             "nonfinite_skips": 0,
             "foreach": foreach,
+            "fused": fused,
         }
         _check_hyperparameters(defaults, "Lars")
         super().__init__(params, defaults)
@@ -116,11 +135,14 @@ class Lars(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group after validating its hyperparameters (the group's own keys over the defaults)."""
         _check_hyperparameters({**self.defaults, **param_group}, f"Lars param group {len(self.param_groups)}")
+        param_group = ParamGroup(param_group)
         super().add_param_group(param_group)
+        check_fused_request("Lars", param_group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load like ``torch.optim.Optimizer``, keeping the state of fp16/bf16 parameters in fp32."""
-        super().load_state_dict(state_dict)
+        """Load like ``torch.optim.Optimizer``, keeping the state of fp16/bf16 parameters in fp32 and this
+        optimizer's ``fused``/``foreach`` choice."""
+        load_state_dict_keeping_implementation(self, state_dict, super().load_state_dict)
         restore_state_precision(self, state_dict)
 
     @torch.no_grad()
@@ -131,7 +153,13 @@ class Lars(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        if fused_fast_step(self, _lars_state_keys, self._fused_hyper, self._fused_launch):
+            return loss
         params_and_grads = [params_with_grads("Lars", group, i) for i, group in enumerate(self.param_groups)]
+        has_grads = any(params for params, _ in params_and_grads)
+        if has_grads and use_fused_path("Lars", self.param_groups, params_and_grads):
+            self._fused_step(params_and_grads)
+            return loss
         grad_norms = [foreach_norms(grads) for _, grads in params_and_grads]
         if not nonfinite_policy_allows_step("Lars", self.param_groups, grad_norms):
             return loss
@@ -160,6 +188,61 @@ class Lars(Optimizer):
                 for param, momentum_buffer in zip(params, momentum_buffers):
                     self.state[param]["momentum_buffer"] = momentum_buffer
         return loss
+
+    @staticmethod
+    def _fused_hyper(group: dict[str, Any]) -> dict[str, Any]:
+        keys = (
+            "lr", "momentum", "dampening", "weight_decay", "nesterov", "trust_coefficient", "eps", "trust_clip",
+            "lr_in_momentum",
+        )
+        return {**{key: group[key] for key in keys}, "adapt": group["adapt"] or group["always_adapt"]}
+
+    @staticmethod
+    def _fused_launch(buckets: list[_triton.GroupBucket], skip_counter: Tensor | None) -> Any:
+        return _triton.lars_step("Lars", buckets, skip_counter=skip_counter)
+
+    def _fused_step(self, params_and_grads: list[tuple[list[Tensor], list[Tensor]]]) -> None:
+        """One step of every group on the fused path (:func:`hf_colossal.optim._triton.lars_step`).
+
+        Creates missing momentum buffers, buckets the tensors and builds their tables; the next steps reuse all of
+        that through :func:`~._foreach.fused_fast_step` while the tensors stay the same.
+        """
+        buckets: list[_triton.GroupBucket] = []
+        entries: list[_triton.PlanEntry] = []
+        new_params: list[Tensor] = []
+        for index, (group, (params, grads)) in enumerate(zip(self.param_groups, params_and_grads)):
+            if not params:
+                continue
+            columns: list[list[Tensor]] = [params, grads]
+            fresh = [0] * len(params)
+            if group["momentum"] != 0:
+                buffers = []
+                for i, param in enumerate(params):
+                    state = self.state[param]
+                    buffer = state.get("momentum_buffer")
+                    if buffer is None:
+                        # Filled by the kernel with the first step's direction (torch.optim.SGD's clone).
+                        buffer = torch.empty_like(
+                            param, dtype=math_dtype(param.dtype), memory_format=torch.contiguous_format
+                        )
+                        state["momentum_buffer"] = buffer
+                        new_params.append(param)
+                        fresh[i] = 1
+                    buffers.append(buffer)
+                columns.append(buffers)
+            hyper = self._fused_hyper(group)
+            for bucket_columns, indices in group_by_device_and_dtype(columns):
+                key = (index, bucket_columns[0][0].device, bucket_columns[0][0].dtype)
+                flags = [fresh[i] for i in indices]
+                bucket = _triton.table_cache(self).bucket(key, bucket_columns, flags)
+                buckets.append(_triton.GroupBucket(bucket, hyper, _triton.NONFINITE_CHECK[group["nonfinite"]]))
+                entries.append(_triton.PlanEntry(index, bucket_columns[0], bucket))
+        run_fused(self, buckets, new_params, self._fused_launch)
+        remember_fused_plan(self, entries, new_params, _lars_state_keys)
+
+
+def _lars_state_keys(group: dict[str, Any]) -> tuple[str, ...]:
+    return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
 
 def _check_hyperparameters(hyperparameters: dict[str, Any], where: str) -> None:

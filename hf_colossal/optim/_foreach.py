@@ -465,3 +465,35 @@ def trust_ratios(
         & ratio.isfinite()
     )
     return torch.where(usable, ratio, torch.ones_like(ratio))
+
+
+class LayerwiseOptimizer(Optimizer):
+    """Glue that :class:`~hf_colossal.optim.Lamb` and :class:`~hf_colossal.optim.Lars` share.
+
+    Subclasses set ``name`` and ``check_hyperparameters`` (a function of ``(hyperparameters, where)`` that raises
+    ``ValueError``). Every param group, later ones included, is validated and stored as a :class:`ParamGroup`;
+    loading a state dict keeps fp32 state for fp16/bf16 parameters and this optimizer's ``fused``/``foreach``
+    choice.
+    """
+
+    name: str
+    check_hyperparameters: Any
+
+    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        type(self).check_hyperparameters(defaults, self.name)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group after validating its hyperparameters (the group's own keys over the defaults)."""
+        where = f"{self.name} param group {len(self.param_groups)}"
+        type(self).check_hyperparameters({**self.defaults, **param_group}, where)
+        param_group = ParamGroup(param_group)
+        super().add_param_group(param_group)
+        check_fused_request(self.name, param_group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load like ``torch.optim.Optimizer``, keeping the state of fp16/bf16 parameters in fp32 and this
+        optimizer's ``fused``/``foreach`` choice."""
+        load_state_dict_keeping_implementation(self, state_dict, super().load_state_dict)
+        restore_state_precision(self, state_dict)
+

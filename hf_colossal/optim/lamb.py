@@ -15,20 +15,17 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
 from . import _triton
 from ._foreach import (
-    ParamGroup,
+    LayerwiseOptimizer,
     check_common_hyperparameters,
-    check_fused_request,
     fused_fast_step,
     foreach_norms,
     global_l2_norm,
     group_by_device_and_dtype,
     is_real,
-    load_state_dict_keeping_implementation,
     math_dtype,
     math_precision,
     nonfinite_policy_allows_step,
@@ -36,7 +33,6 @@ from ._foreach import (
     place_step,
     require,
     remember_fused_plan,
-    restore_state_precision,
     run_fused,
     trust_ratios,
     use_fused_path,
@@ -45,7 +41,7 @@ from ._foreach import (
 __all__ = ["Lamb", "lamb"]
 
 
-class Lamb(Optimizer):
+class Lamb(LayerwiseOptimizer):
     r"""LAMB (You et al. 2019, Algorithm 2), multi-tensor (foreach) and fused (Triton, CUDA) implementations.
 
     For each parameter :math:`x` with gradient :math:`g` at step :math:`t` (math in fp32):
@@ -100,6 +96,12 @@ class Lamb(Optimizer):
     that creates state (the first) reads the skip flag once, so that a skipped first step leaves no state.
     """
 
+    name = "Lamb"
+
+    @staticmethod
+    def check_hyperparameters(hyperparameters: dict[str, Any], where: str) -> None:
+        _check_hyperparameters(hyperparameters, where)
+
     def __init__(
         self,
         params: ParamsT,
@@ -135,22 +137,7 @@ class Lamb(Optimizer):
             "foreach": foreach,
             "fused": fused,
         }
-        _check_hyperparameters(defaults, "Lamb")
         super().__init__(params, defaults)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group after validating its hyperparameters (the group's own keys over the defaults)."""
-        where = f"Lamb param group {len(self.param_groups)}"
-        _check_hyperparameters({**self.defaults, **param_group}, where)
-        param_group = ParamGroup(param_group)
-        super().add_param_group(param_group)
-        check_fused_request("Lamb", param_group)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load like ``torch.optim.Optimizer``, keeping the state of fp16/bf16 parameters in fp32 and this
-        optimizer's ``fused``/``foreach`` choice."""
-        load_state_dict_keeping_implementation(self, state_dict, super().load_state_dict)
-        restore_state_precision(self, state_dict)
 
     def _init_group(
         self, params: list[Tensor], *, fused: bool = False, new_params: list[Tensor] | None = None

@@ -12,26 +12,22 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
 from . import _triton
 from ._foreach import (
-    ParamGroup,
+    LayerwiseOptimizer,
     check_common_hyperparameters,
-    check_fused_request,
     fused_fast_step,
     foreach_norms,
     group_by_device_and_dtype,
     is_real,
-    load_state_dict_keeping_implementation,
     math_dtype,
     math_precision,
     nonfinite_policy_allows_step,
     params_with_grads,
     require,
     remember_fused_plan,
-    restore_state_precision,
     run_fused,
     trust_ratios,
     use_fused_path,
@@ -40,7 +36,7 @@ from ._foreach import (
 __all__ = ["Lars", "lars"]
 
 
-class Lars(Optimizer):
+class Lars(LayerwiseOptimizer):
     r"""LARS (You, Gitman, Ginsburg 2017) with optional LARC clipping; foreach and fused (Triton, CUDA) paths.
 
     For each parameter :math:`x` with gradient :math:`g` (math in fp32):
@@ -94,6 +90,12 @@ class Lars(Optimizer):
     that creates momentum buffers (the first) reads the skip flag once, so that a skipped first step leaves none.
     """
 
+    name = "Lars"
+
+    @staticmethod
+    def check_hyperparameters(hyperparameters: dict[str, Any], where: str) -> None:
+        _check_hyperparameters(hyperparameters, where)
+
     def __init__(
         self,
         params: ParamsT,
@@ -129,21 +131,7 @@ class Lars(Optimizer):
             "foreach": foreach,
             "fused": fused,
         }
-        _check_hyperparameters(defaults, "Lars")
         super().__init__(params, defaults)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group after validating its hyperparameters (the group's own keys over the defaults)."""
-        _check_hyperparameters({**self.defaults, **param_group}, f"Lars param group {len(self.param_groups)}")
-        param_group = ParamGroup(param_group)
-        super().add_param_group(param_group)
-        check_fused_request("Lars", param_group)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load like ``torch.optim.Optimizer``, keeping the state of fp16/bf16 parameters in fp32 and this
-        optimizer's ``fused``/``foreach`` choice."""
-        load_state_dict_keeping_implementation(self, state_dict, super().load_state_dict)
-        restore_state_precision(self, state_dict)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:

@@ -7,7 +7,6 @@ the optimizer runs in fp32 and must match it to rtol=1e-5, atol=1e-6.
 
 from __future__ import annotations
 
-import copy
 import re
 
 import pytest
@@ -15,6 +14,8 @@ import torch
 
 from hf_colossal.optim import Lars
 from hf_colossal.optim.lars import lars
+
+from .helpers import assert_state_equal, snapshot
 
 SHAPES = {"w1": (6, 5), "b1": (6,), "w2": (3, 6), "b2": (3,)}
 # Two groups: weights (trust ratio on) and biases (adapt=False, own lr and weight decay).
@@ -284,18 +285,6 @@ def test_invalid_param_group_value_raises():
         Lars([{"params": [torch.zeros(2, requires_grad=True)], "momentum": -1}])
 
 
-def _snapshot(optimizer, tensors):
-    return {name: t.detach().clone() for name, t in tensors.items()}, copy.deepcopy(optimizer.state_dict()["state"])
-
-
-def _assert_state_equal(left, right):
-    assert left.keys() == right.keys()
-    for index in left:
-        assert left[index].keys() == right[index].keys()
-        for key in left[index]:
-            assert torch.equal(left[index][key], right[index][key]), (index, key)
-
-
 @pytest.mark.parametrize("bad_value", [float("nan"), float("-inf")], ids=["nan", "-inf"])
 def test_nonfinite_skip_leaves_everything_untouched_then_continues(bad_value):
     params, grads = make_problem()
@@ -304,7 +293,7 @@ def test_nonfinite_skip_leaves_everything_untouched_then_continues(bad_value):
     run(tensors, optimizer, grads[:2])
     run(control_tensors, control, grads[:2])
 
-    before_params, before_state = _snapshot(optimizer, tensors)
+    before_params, before_state = snapshot(optimizer, tensors)
     for name, tensor in tensors.items():
         tensor.grad = grads[2][name].float() if grads[2][name] is not None else None
     tensors["w2"].grad[1, 1] = bad_value
@@ -312,7 +301,7 @@ def test_nonfinite_skip_leaves_everything_untouched_then_continues(bad_value):
 
     for name, tensor in tensors.items():
         assert torch.equal(tensor, before_params[name])
-    _assert_state_equal(optimizer.state_dict()["state"], before_state)
+    assert_state_equal(optimizer.state_dict()["state"], before_state)
     assert [group["nonfinite_skips"] for group in optimizer.param_groups] == [1, 1]
 
     for name in SHAPES:
@@ -322,16 +311,7 @@ def test_nonfinite_skip_leaves_everything_untouched_then_continues(bad_value):
     control.step()
     for name in SHAPES:
         assert torch.equal(tensors[name], control_tensors[name])
-    _assert_state_equal(optimizer.state_dict()["state"], control.state_dict()["state"])
-
-
-def test_nonfinite_skip_on_first_step_creates_no_state():
-    weight = torch.ones(3, requires_grad=True)
-    optimizer = Lars([weight])
-    weight.grad = torch.tensor([1.0, float("inf"), 0.0])
-    optimizer.step()
-    assert len(optimizer.state) == 0
-    assert torch.equal(weight, torch.ones(3))
+    assert_state_equal(optimizer.state_dict()["state"], control.state_dict()["state"])
 
 
 def test_nonfinite_error_raises_and_counts():
@@ -356,88 +336,3 @@ def test_nonfinite_apply_propagates_nan():
     assert tensors["b1"].isnan().any()
     assert tensors["w1"].isfinite().all()
     assert optimizer.param_groups[0]["nonfinite_skips"] == 0
-
-
-def _model(dtype):
-    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).to(dtype)
-
-
-def _optimizer(model):
-    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
-    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
-    return Lars(
-        [{"params": weights}, {"params": biases, "adapt": False, "weight_decay": 0.0}],
-        lr=0.5,
-        weight_decay=1e-3,
-        nesterov=True,
-        trust_clip=True,
-    )
-
-
-def _train(model, optimizer, inputs, targets, steps):
-    for _ in range(steps):
-        optimizer.zero_grad()
-        torch.nn.functional.mse_loss(model(inputs), targets).backward()
-        optimizer.step()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_resume_from_state_dict_is_bit_exact(dtype, tmp_path):
-    inputs, targets = torch.randn(16, 4, dtype=dtype), torch.randn(16, 2, dtype=dtype)
-    model = _model(dtype)
-    initial = copy.deepcopy(model.state_dict())
-    optimizer = _optimizer(model)
-    _train(model, optimizer, inputs, targets, 10)
-
-    first = _model(dtype)
-    first.load_state_dict(initial)
-    first_optimizer = _optimizer(first)
-    _train(first, first_optimizer, inputs, targets, 5)
-    torch.save({"model": first.state_dict(), "optimizer": first_optimizer.state_dict()}, tmp_path / "ckpt.pt")
-
-    resumed = _model(dtype)  # fresh weights, replaced by the checkpoint
-    checkpoint = torch.load(tmp_path / "ckpt.pt")
-    resumed.load_state_dict(checkpoint["model"])
-    resumed_optimizer = _optimizer(resumed)
-    resumed_optimizer.load_state_dict(checkpoint["optimizer"])
-    assert resumed_optimizer.state[resumed[0].weight]["momentum_buffer"].dtype == torch.float32
-    _train(resumed, resumed_optimizer, inputs, targets, 5)
-
-    for original, restored in zip(model.parameters(), resumed.parameters()):
-        assert torch.equal(original, restored)
-    _assert_state_equal(resumed_optimizer.state_dict()["state"], optimizer.state_dict()["state"])
-
-
-def test_closure_is_evaluated_with_grad_enabled():
-    model = _model(torch.float32)
-    optimizer = _optimizer(model)
-    inputs, targets = torch.randn(8, 4), torch.randn(8, 2)
-    before = model[0].weight.detach().clone()
-
-    def closure():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(inputs), targets)
-        loss.backward()
-        return loss
-
-    loss = optimizer.step(closure)
-    assert isinstance(loss, torch.Tensor) and loss.requires_grad
-    assert not torch.equal(model[0].weight, before)
-
-
-def test_works_with_peft_loraplus():
-    peft = pytest.importorskip("peft")
-    from peft.optimizers import create_loraplus_optimizer
-
-    base = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["0", "2"]))
-    optimizer = create_loraplus_optimizer(
-        model, Lars, lr=0.1, loraplus_lr_ratio=4.0, momentum=0.9, trust_clip=True
-    )
-    assert isinstance(optimizer, Lars)
-    assert sorted({group["lr"] for group in optimizer.param_groups if group["params"]}) == [0.1, 0.4]
-    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
-    before = [p.detach().clone() for p in lora_b]
-    model(torch.randn(4, 8)).pow(2).sum().backward()
-    optimizer.step()
-    assert any(not torch.equal(p, b) for p, b in zip(lora_b, before))

@@ -76,11 +76,17 @@ class OptimizerSpec:
         return self.optimizer_cls(params, **kwargs)
 
     def validate(self, config: OptimizerConfig, **hyperparameters: Any) -> None:
-        """Raise :class:`OptionsError` now if the constructor would refuse these values later."""
+        """Raise :class:`OptionsError` now if the constructor would refuse these values later.
+
+        Builds the optimizer over a 1-element CPU tensor: that checks every value, but not what depends on the
+        real parameters' devices (``fused=True`` needs CUDA tensors), which the real construction checks.
+        """
         try:
             self.build([torch.zeros(1, requires_grad=True)], options=config, **hyperparameters)
         except ValueError as err:
             raise OptionsError(f"{self.config_cls.subject}: {err}\n{self.config_cls.describe()}") from None
+        except RuntimeError:
+            pass  # a device requirement of the dummy tensor, not a bad value
 
 
 _REGISTRY: dict[str, OptimizerSpec] = {}

@@ -119,3 +119,13 @@ def test_build_optimizer_from_model_and_from_tensors():
     assert not torch.equal(before, model.proj.weight)
     lars = build_optimizer("lars", model.proj.parameters(), lr=0.1, options={"momentum": 0.5})
     assert isinstance(lars, hf_colossal.Lars) and lars.param_groups[0]["momentum"] == 0.5
+
+
+def test_fused_choice_reaches_the_optimizer():
+    model = _Block()
+    for text, expected in (("fused=false", False), ("fused=none", None), ("", None)):
+        assert build_optimizer("lars", model, lr=0.1, options=text).param_groups[0]["fused"] is expected
+    spec = get_optimizer_spec("lamb")
+    spec.validate(spec.parse_options("fused=true"), lr=1e-3)  # arguments stay valid: devices are checked later
+    with pytest.raises(RuntimeError, match=r"Lamb\(fused=True\) cannot run: .* needs CUDA tensors"):
+        build_optimizer("lamb", model, lr=1e-3, options="fused=true")

@@ -66,6 +66,7 @@ class LambConfig(OptimizerConfig):
     grad_pre_normalization: bool = _opt(False, "divide all grads by max(1, global_norm/max) first (NVLAMB)")
     pre_normalization_max_norm: float = _opt(1.0, "the max global grad norm of grad_pre_normalization")
     nonfinite: Literal["skip", "error", "apply"] = _opt("skip", "on inf/NaN grads: skip the step, raise, or apply")
+    fused: bool | None = _opt(None, "Triton kernels on CUDA (none = when possible, true = required, false = foreach)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,3 +85,4 @@ class LarsConfig(OptimizerConfig):
     always_adapt: bool = _opt(False, "apply the trust ratio to every group, ignoring no_adapt")
     lr_in_momentum: bool = _opt(False, "paper placement: lr inside the momentum buffer (else torch-SGD form)")
     nonfinite: Literal["skip", "error", "apply"] = _opt("skip", "on inf/NaN grads: skip the step, raise, or apply")
+    fused: bool | None = _opt(None, "Triton kernels on CUDA (none = when possible, true = required, false = foreach)")

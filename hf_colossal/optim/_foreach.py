@@ -471,7 +471,8 @@ class LayerwiseOptimizer(Optimizer):
     """Glue that :class:`~hf_colossal.optim.Lamb` and :class:`~hf_colossal.optim.Lars` share.
 
     Subclasses set ``name`` and ``check_hyperparameters`` (a function of ``(hyperparameters, where)`` that raises
-    ``ValueError``). Every param group, later ones included, is validated and stored as a :class:`ParamGroup`;
+    ``ValueError``), and implement ``_foreach_step``, ``_fused_step``, ``_fused_hyper``, ``_fused_launch`` and
+    ``_state_keys`` (the state a group's fused plan depends on). Every param group, later ones included, is validated and stored as a :class:`ParamGroup`;
     loading a state dict keeps fp32 state for fp16/bf16 parameters and this optimizer's ``fused``/``foreach``
     choice.
     """
@@ -482,6 +483,28 @@ class LayerwiseOptimizer(Optimizer):
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         type(self).check_hyperparameters(defaults, self.name)
         super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
+
+        A cached fused plan runs when nothing it depends on changed; otherwise the gradients are gathered and
+        the step goes to the fused path (``_fused_step``) or the foreach path (``_foreach_step``) of the subclass.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if fused_fast_step(self, self._state_keys, self._fused_hyper, self._fused_launch):
+            return loss
+        params_and_grads = [params_with_grads(self.name, group, i) for i, group in enumerate(self.param_groups)]
+        if not any(params for params, _ in params_and_grads):
+            return loss
+        if use_fused_path(self.name, self.param_groups, params_and_grads):
+            self._fused_step(params_and_grads)
+        else:
+            self._foreach_step(params_and_grads)
+        return loss
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group after validating its hyperparameters (the group's own keys over the defaults)."""

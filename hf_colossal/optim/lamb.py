@@ -9,7 +9,6 @@ Chen 2020, "Improving Layer-wise Adaptive Rate Methods using Trust Ratio Clippin
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from itertools import chain
 from typing import Any
 
@@ -29,13 +28,11 @@ from ._foreach import (
     math_dtype,
     math_precision,
     nonfinite_policy_allows_step,
-    params_with_grads,
     place_step,
     require,
     remember_fused_plan,
     run_fused,
     trust_ratios,
-    use_fused_path,
 )
 
 __all__ = ["Lamb", "lamb"]
@@ -162,28 +159,14 @@ class Lamb(LayerwiseOptimizer):
             state_steps.append(place_step(state, param.device if fused else torch.device("cpu")))
         return exp_avgs, exp_avg_sqs, state_steps
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        if fused_fast_step(self, _lamb_state_keys, self._fused_hyper, self._fused_launch):
-            return loss
-        params_and_grads = [params_with_grads("Lamb", group, i) for i, group in enumerate(self.param_groups)]
-        if not any(params for params, _ in params_and_grads):
-            return loss
-        if use_fused_path("Lamb", self.param_groups, params_and_grads):
-            self._fused_step(params_and_grads)
-            return loss
+    def _foreach_step(self, params_and_grads: list[tuple[list[Tensor], list[Tensor]]]) -> None:
+        """One step of every group on the multi-tensor path (:func:`lamb`)."""
         any_pre_normalization = any(group["grad_pre_normalization"] for group in self.param_groups)
         global_grad_norm = None
         if any_pre_normalization or any(group["nonfinite"] != "apply" for group in self.param_groups):
             grad_norms = [foreach_norms(grads) for _, grads in params_and_grads]
             if not nonfinite_policy_allows_step("Lamb", self.param_groups, grad_norms):
-                return loss
+                return
             if any_pre_normalization:
                 global_grad_norm = global_l2_norm(list(chain.from_iterable(grad_norms)))
 
@@ -210,7 +193,10 @@ class Lamb(LayerwiseOptimizer):
                 adapt=group["adapt"] or group["always_adapt"],
                 max_trust_ratio=group["max_trust_ratio"],
             )
-        return loss
+
+    @staticmethod
+    def _state_keys(group: dict[str, Any]) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq", "step")
 
     @staticmethod
     def _fused_hyper(group: dict[str, Any]) -> dict[str, Any]:
@@ -256,11 +242,7 @@ class Lamb(LayerwiseOptimizer):
                 buckets.append(_triton.GroupBucket(bucket, hyper, _triton.NONFINITE_CHECK[group["nonfinite"]]))
                 entries.append(_triton.PlanEntry(index, columns[0], bucket))
         run_fused(self, buckets, new_params, self._fused_launch)
-        remember_fused_plan(self, entries, new_params, _lamb_state_keys)
-
-
-def _lamb_state_keys(group: dict[str, Any]) -> tuple[str, ...]:
-    return ("exp_avg", "exp_avg_sq", "step")
+        remember_fused_plan(self, entries, new_params, self._state_keys)
 
 
 def _check_hyperparameters(hyperparameters: dict[str, Any], where: str) -> None:

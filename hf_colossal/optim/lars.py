@@ -7,7 +7,6 @@ eq. 6 (local learning rate) and Algorithm 1 (momentum update); with the "clip" m
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,12 +24,10 @@ from ._foreach import (
     math_dtype,
     math_precision,
     nonfinite_policy_allows_step,
-    params_with_grads,
     require,
     remember_fused_plan,
     run_fused,
     trust_ratios,
-    use_fused_path,
 )
 
 __all__ = ["Lars", "lars"]
@@ -133,24 +130,11 @@ class Lars(LayerwiseOptimizer):
         }
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        if fused_fast_step(self, _lars_state_keys, self._fused_hyper, self._fused_launch):
-            return loss
-        params_and_grads = [params_with_grads("Lars", group, i) for i, group in enumerate(self.param_groups)]
-        has_grads = any(params for params, _ in params_and_grads)
-        if has_grads and use_fused_path("Lars", self.param_groups, params_and_grads):
-            self._fused_step(params_and_grads)
-            return loss
+    def _foreach_step(self, params_and_grads: list[tuple[list[Tensor], list[Tensor]]]) -> None:
+        """One step of every group on the multi-tensor path (:func:`lars`)."""
         grad_norms = [foreach_norms(grads) for _, grads in params_and_grads]
         if not nonfinite_policy_allows_step("Lars", self.param_groups, grad_norms):
-            return loss
+            return
 
         for group, (params, grads), group_grad_norms in zip(self.param_groups, params_and_grads, grad_norms):
             if not params:
@@ -175,7 +159,10 @@ class Lars(LayerwiseOptimizer):
             if group["momentum"] != 0:
                 for param, momentum_buffer in zip(params, momentum_buffers):
                     self.state[param]["momentum_buffer"] = momentum_buffer
-        return loss
+
+    @staticmethod
+    def _state_keys(group: dict[str, Any]) -> tuple[str, ...]:
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     @staticmethod
     def _fused_hyper(group: dict[str, Any]) -> dict[str, Any]:
@@ -226,11 +213,7 @@ class Lars(LayerwiseOptimizer):
                 buckets.append(_triton.GroupBucket(bucket, hyper, _triton.NONFINITE_CHECK[group["nonfinite"]]))
                 entries.append(_triton.PlanEntry(index, bucket_columns[0], bucket))
         run_fused(self, buckets, new_params, self._fused_launch)
-        remember_fused_plan(self, entries, new_params, _lars_state_keys)
-
-
-def _lars_state_keys(group: dict[str, Any]) -> tuple[str, ...]:
-    return ("momentum_buffer",) if group["momentum"] != 0 else ()
+        remember_fused_plan(self, entries, new_params, self._state_keys)
 
 
 def _check_hyperparameters(hyperparameters: dict[str, Any], where: str) -> None:

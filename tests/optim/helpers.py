@@ -1,4 +1,4 @@
-"""Assertions the optimizer tests share."""
+"""The problem and assertions the Lamb and Lars tests share."""
 
 import copy
 
@@ -17,3 +17,35 @@ def assert_state_equal(left, right):
         assert left[index].keys() == right[index].keys()
         for key in left[index]:
             assert torch.equal(left[index][key], right[index][key]), (index, key)
+
+
+SHAPES = {"w1": (6, 5), "b1": (6,), "w2": (3, 6), "b2": (3,)}
+STEPS = 4
+MISSING_GRAD = (2, "b2")  # at step 2, b2 has no gradient: it is not updated and its state does not advance
+
+
+def make_problem(*, seed, w2_grad_scale, grad_scale, dtype=torch.float64):
+    """Initial parameters and a gradient sequence (float64), deterministic for ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    scales = {"w1": 0.5, "b1": 0.1, "w2": 3.0, "b2": 0.2}
+    params = {
+        name: torch.randn(shape, generator=generator, dtype=dtype) * scales[name] for name, shape in SHAPES.items()
+    }
+    grads = []
+    for step in range(STEPS):
+        grads.append(
+            {
+                name: None
+                if (step, name) == MISSING_GRAD
+                else torch.randn(shape, generator=generator, dtype=dtype) * (w2_grad_scale if name == "w2" else grad_scale)
+                for name, shape in SHAPES.items()
+            }
+        )
+    return params, grads
+
+
+def groups_and_options(groups, options):
+    """``groups`` with ``options["bias_group"]`` (per-group overrides) merged into the bias group; the other options."""
+    options = dict(options)
+    bias_overrides = options.pop("bias_group", {})
+    return [(groups[0][0], groups[0][1]), (groups[1][0], {**groups[1][1], **bias_overrides})], options

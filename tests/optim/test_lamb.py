@@ -15,37 +15,20 @@ import torch
 
 from hf_colossal.optim import Lamb
 
-from .helpers import assert_state_equal, snapshot
+from .helpers import SHAPES, STEPS, assert_state_equal, snapshot
+from .helpers import groups_and_options as shared_groups_and_options
+from .helpers import make_problem as shared_make_problem
 
-SHAPES = {"w1": (6, 5), "b1": (6,), "w2": (3, 6), "b2": (3,)}
 # Two groups: weights (trust ratio on) and biases (adapt=False, own lr and weight decay).
 GROUPS = [
     (["w1", "w2"], {"weight_decay": 0.1}),
     (["b1", "b2"], {"weight_decay": 0.02, "lr": 3e-3, "adapt": False}),
 ]
 BASE = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 0.0}
-STEPS = 4
-MISSING_GRAD = (2, "b2")  # at step 2, b2 has no gradient: it is not updated and its step count does not advance
 
 
 def make_problem(dtype=torch.float64):
-    """Initial parameters and a gradient sequence (float64), deterministic."""
-    generator = torch.Generator().manual_seed(1234)
-    scales = {"w1": 0.5, "b1": 0.1, "w2": 3.0, "b2": 0.2}
-    params = {
-        name: torch.randn(shape, generator=generator, dtype=dtype) * scales[name] for name, shape in SHAPES.items()
-    }
-    grads = []
-    for step in range(STEPS):
-        grads.append(
-            {
-                name: None
-                if (step, name) == MISSING_GRAD
-                else torch.randn(shape, generator=generator, dtype=dtype) * (0.3 if name == "w2" else 0.05)
-                for name, shape in SHAPES.items()
-            }
-        )
-    return params, grads
+    return shared_make_problem(seed=1234, w2_grad_scale=0.3, grad_scale=0.05, dtype=dtype)
 
 
 def lr_factor(step: int) -> float:
@@ -54,11 +37,7 @@ def lr_factor(step: int) -> float:
 
 
 def groups_and_options(options):
-    """GROUPS with ``options["bias_group"]`` (per-group overrides) merged into the bias group; the other options."""
-    options = dict(options)
-    bias_overrides = options.pop("bias_group", {})
-    groups = [(GROUPS[0][0], GROUPS[0][1]), (GROUPS[1][0], {**GROUPS[1][1], **bias_overrides})]
-    return groups, options
+    return shared_groups_and_options(GROUPS, options)
 
 
 def reference_lamb(params, grads_per_step, options):

@@ -23,6 +23,9 @@ _PUBLIC = {
     "Lars": "hf_colossal.optim",
     "LambConfig": "hf_colossal.optim.configs",
     "LarsConfig": "hf_colossal.optim.configs",
+    "LRScalingCallback": "hf_colossal.callbacks",
+    "WarmupCallback": "hf_colossal.callbacks",
+    "LayerStatsCallback": "hf_colossal.callbacks",
 }
 
 __all__ = sorted(_PUBLIC)

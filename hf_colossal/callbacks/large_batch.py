@@ -59,6 +59,20 @@ def effective_batch_size(args: Any) -> int:
     return args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
 
 
+def check_batch_ratio(effective: int, reference: int) -> None:
+    """Raise ``ValueError`` unless one batch size is a whole multiple of the other (the scaling rules compare
+    a k-times larger or smaller batch; Goyal et al. Sec. 2.1)."""
+    larger, smaller = max(effective, reference), min(effective, reference)
+    if larger % smaller:
+        below, above = reference * (effective // reference), reference * (effective // reference + 1)
+        raise ValueError(
+            f"effective batch {effective} (per device x accumulation x processes) and reference_batch_size "
+            f"{reference}: neither is a whole multiple of the other, so the scaling rule has no clear meaning; "
+            f"use an effective batch of {below or reference // max(1, reference // effective)} or {above}, or a "
+            f"reference batch that divides {effective}"
+        )
+
+
 def _optimizer_of(optimizer: Any) -> Any:
     return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
 
@@ -111,6 +125,7 @@ class LRScalingCallback(TrainerCallback, ExportableState):
         scheduler = _lambda_scheduler(lr_scheduler, "LRScalingCallback")
         inner = _optimizer_of(optimizer)
         self.effective_batch_size = effective_batch_size(args)
+        check_batch_ratio(self.effective_batch_size, self.reference_batch_size)
         self.factor = lr_scale_factor(self.effective_batch_size, self.reference_batch_size, self.rule)
         previous = {group.get("lr_scale") for group in inner.param_groups}
         applied = previous.pop() if len(previous) == 1 else None  # set when resuming from our checkpoint
@@ -128,6 +143,16 @@ class LRScalingCallback(TrainerCallback, ExportableState):
                 "batch %d -> learning rate x %.4g", self.rule, self.effective_batch_size,
                 args.per_device_train_batch_size, args.gradient_accumulation_steps, max(1, args.world_size),
                 self.reference_batch_size, self.factor,
+            )
+
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if effective_batch_size(args) != self.effective_batch_size:
+            raise RuntimeError(
+                f"the effective batch changed mid-run ({self.effective_batch_size} -> {effective_batch_size(args)}: "
+                "per_device_train_batch_size, gradient_accumulation_steps or the world size was modified). Trainer "
+                "fixed the steps per epoch and max_steps at the start, so training would silently end early or "
+                "late. Change the batch between runs: save a checkpoint and resume with new arguments"
             )
 
 
@@ -175,6 +200,12 @@ class WarmupCallback(TrainerCallback, ExportableState):
             raise ValueError(
                 f"WarmupCallback owns warmup: set --warmup_steps 0 (got {args.warmup_steps}); the callback's "
                 f"{self.warmup_steps} steps are followed by --lr_scheduler_type {args.lr_scheduler_type}"
+            )
+        if self.warmup_steps >= state.max_steps:
+            raise ValueError(
+                f"WarmupCallback(warmup_steps={self.warmup_steps}) is not shorter than the whole run "
+                f"({state.max_steps} optimizer steps): the learning rate would never reach its target; use fewer "
+                "warmup steps or train longer"
             )
         scheduler = _lambda_scheduler(lr_scheduler, "WarmupCallback")
         inner = _optimizer_of(optimizer)

@@ -5,8 +5,8 @@ that ``torchrun`` / ``accelerate launch`` starts) and it imports :mod:`hf_coloss
 :func:`install`. Set ``HF_COLOSSAL_AUTOLOAD=0`` to turn that off; ``import hf_colossal`` then does it.
 
 :func:`install` imports nothing heavy (no torch, no transformers): it puts a finder on ``sys.meta_path`` that
-waits for ``transformers.training_args`` and ``transformers.trainer_optimizer`` and runs the registration right
-after each has executed, before anything (such as ``HfArgumentParser``) can read them.
+waits for ``transformers.training_args``, ``transformers.trainer_optimizer`` and ``transformers.trainer`` and runs
+the registration right after each has executed, before anything (such as ``HfArgumentParser``) can read them.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import sys
 _HOOKS = {
     "transformers.training_args": "register_optimizer_names",
     "transformers.trainer_optimizer": "register_optimizer_handlers",
+    "transformers.trainer": "register_log_contributions",
 }
 
 

@@ -8,13 +8,16 @@ What it changes, and why each change is safe (see ``shared/notes/hf-integration.
   ``optim="lamb"`` loads where hf_colossal is not installed, and ``to_json_string()`` records ``"optim": "lamb"``.
 * ``TrainingArguments.__post_init__`` is wrapped to validate ``optim_args`` and the parallelism setting as soon
   as the arguments are built — before a model is loaded or a dataset tokenized.
+* ``Trainer.log`` is wrapped so that callbacks with a ``contribute_logs(logs)`` method (ours, such as
+  :class:`~hf_colossal.callbacks.LayerStatsCallback`) add their metrics to a log before it is recorded and handed
+  to the reporting callbacks (TensorBoard, W&B), which come before user callbacks in Trainer's list.
 * ``_OPTIMIZER_HANDLERS`` (``transformers.trainer_optimizer``) gains a handler per optimizer. It receives the
   model, so it builds our parameter groups (weight decay and trust-ratio exclusions) and passes them as
   ``params``, which Trainer uses in place of its own two groups.
 
-Importing this module does not import transformers; :func:`register_optimizer_names` and
-:func:`register_optimizer_handlers` are called by the import hook in :mod:`._autoload` once transformers'
-modules load.
+Importing this module does not import transformers; :func:`register_optimizer_names`,
+:func:`register_optimizer_handlers` and :func:`register_log_contributions` are called by the import hook in
+:mod:`._autoload` once transformers' modules load.
 """
 
 from __future__ import annotations
@@ -148,3 +151,22 @@ def register_optimizer_handlers(trainer_optimizer: ModuleType) -> None:
         # Keyed by the plain string too: args unpickled from training_args.bin hold "lamb", not the member.
         handlers[name] = handler
         handlers[names_enum(name)] = handler
+
+
+def register_log_contributions(trainer_module: ModuleType) -> None:
+    """Wrap ``Trainer.log`` to merge what callbacks offer through ``contribute_logs(logs)`` (idempotent)."""
+    cls = trainer_module.Trainer
+    if getattr(cls.log, "_hf_colossal", False):
+        return
+    original = cls.log
+
+    def log(self: Any, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        for callback in self.callback_handler.callbacks:
+            contribute = getattr(callback, "contribute_logs", None)
+            if contribute is not None:
+                logs.update(contribute(logs))
+        original(self, logs, *args, **kwargs)
+
+    log._hf_colossal = True  # type: ignore[attr-defined]
+    log.__wrapped__ = original  # type: ignore[attr-defined]
+    cls.log = log

@@ -239,6 +239,11 @@ def run_fused(optimizer: Optimizer, buckets: list[Any], new_params: list[Tensor]
         raise
     if any_check:
         drop_new_state(optimizer, new_params, flags)
+    record = optimizer.__dict__.get("_trust_ratio_record")
+    if record is not None:
+        from . import _triton
+
+        record.extend((gb.params, _triton.trust_ratios_of(gb)) for gb in buckets if gb.hyper["adapt"])
 
 
 def remember_fused_plan(optimizer: Optimizer, entries: list[Any], new_params: list[Tensor], state_keys: Any) -> None:
@@ -505,6 +510,21 @@ class LayerwiseOptimizer(Optimizer):
         else:
             self._foreach_step(params_and_grads)
         return loss
+
+    def record_trust_ratios(self) -> None:
+        """Keep the trust ratios of the following steps until :meth:`take_trust_ratios` (for logging them).
+
+        Recording costs no extra pass and no host sync: the ratios are the device tensors the step computed
+        anyway. Only parameters whose group adapts are recorded; a step skipped for non-finite gradients
+        records none on the foreach path (the fused path decides on the device and records the ratios it had).
+        """
+        self.__dict__["_trust_ratio_record"] = []
+
+    def take_trust_ratios(self) -> dict[Tensor, Tensor]:
+        """The trust ratios recorded since :meth:`record_trust_ratios` (parameter -> 0-d fp32 device tensor of the
+        latest step that recorded it); recording stops."""
+        record = self.__dict__.pop("_trust_ratio_record", None) or []
+        return {param: ratio for params, ratios in record for param, ratio in zip(params, ratios.unbind())}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group after validating its hyperparameters (the group's own keys over the defaults)."""

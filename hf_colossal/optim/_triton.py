@@ -289,7 +289,7 @@ def plan_buckets(
         plan.grads = grads
     groups = [optimizer.param_groups[entry.group_index] for entry in plan.entries]
     return [
-        GroupBucket(entry.bucket, hyper(group), NONFINITE_CHECK[group["nonfinite"]])
+        GroupBucket(entry.bucket, hyper(group), NONFINITE_CHECK[group["nonfinite"]], entry.params)
         for entry, group in zip(plan.entries, groups)
     ]
 
@@ -323,6 +323,7 @@ class GroupBucket:
     bucket: Bucket
     hyper: dict[str, Any]  # the group's hyperparameters (already resolved: adapt includes always_adapt)
     check: int  # 0: no non-finite check ("apply"), 1: "skip", 2: "error"
+    params: Sequence[Tensor] = ()  # the bucket's parameters, in table order
     partial: Tensor | None = None
     ws: Tensor | None = None
     flags: Tensor | None = None
@@ -381,6 +382,15 @@ def _finish(gb: GroupBucket, kind: int, *, norms: bool, has_step: bool, coeffici
         BAD_COL=2 if kind == 0 else 1, HAS_STEP=has_step, MAX_TRUST=max_trust_ratio is not None,
         TRUST_CLIP=trust_clip, LR_IN_MOM=lr_in_momentum, ROW=b.row, FBLOCK=FINISH_BLOCK, num_warps=1,
     )
+
+
+def trust_ratios_of(gb: GroupBucket) -> Tensor:
+    """The trust ratios ``finish`` computed for a bucket's tensors in its last step (a view, no sync).
+
+    For LARS with ``lr_in_momentum`` the kernel stores ratio x lr; the lr is divided out here.
+    """
+    ratios = gb.ws[0::2]
+    return ratios / gb.hyper["lr"] if gb.hyper.get("lr_in_momentum") else ratios
 
 
 def _count_launch(buckets: Sequence[GroupBucket], counter: Tensor | None) -> GroupBucket | None:

@@ -192,6 +192,7 @@ class Lamb(LayerwiseOptimizer):
                 decoupled_weight_decay=group["decoupled_weight_decay"],
                 adapt=group["adapt"] or group["always_adapt"],
                 max_trust_ratio=group["max_trust_ratio"],
+                trust_ratio_record=self.__dict__.get("_trust_ratio_record"),
             )
 
     @staticmethod
@@ -239,7 +240,9 @@ class Lamb(LayerwiseOptimizer):
             for columns, _ in group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, state_steps]):
                 key = (index, columns[0][0].device, columns[0][0].dtype)
                 bucket = _triton.table_cache(self).bucket(key, columns)
-                buckets.append(_triton.GroupBucket(bucket, hyper, _triton.NONFINITE_CHECK[group["nonfinite"]]))
+                buckets.append(
+                    _triton.GroupBucket(bucket, hyper, _triton.NONFINITE_CHECK[group["nonfinite"]], columns[0])
+                )
                 entries.append(_triton.PlanEntry(index, columns[0], bucket))
         run_fused(self, buckets, new_params, self._fused_launch)
         remember_fused_plan(self, entries, new_params, self._state_keys)
@@ -295,18 +298,20 @@ def lamb(
     decoupled_weight_decay: bool,
     adapt: bool,
     max_trust_ratio: float | None,
+    trust_ratio_record: list[tuple[list[Tensor], Tensor]] | None = None,
 ) -> None:
     r"""Functional LAMB step (You et al. 2019, Algorithm 2) over lists of tensors; see :class:`Lamb` for the math.
 
     Updates ``params``, ``exp_avgs``, ``exp_avg_sqs`` and ``state_steps`` in place; the ``grads`` are only read.
     ``global_grad_norm``, when given, is :math:`\|G\|_2` of the NVLAMB pre-normalisation
     :math:`g / \max(1, \|G\|_2 / \text{pre\_normalization\_max\_norm})`. ``adapt`` turns the trust ratio on.
+    With ``adapt``, each bucket's (parameters, trust ratios) is appended to ``trust_ratio_record`` when given.
     """
     for (bucket_params, bucket_grads, bucket_exp_avgs, bucket_exp_avg_sqs, bucket_steps), _ in (
         group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, state_steps])
     ):
         with math_precision(bucket_params, bucket_grads) as (math_params, math_grads):
-            _lamb_bucket(
+            ratios = _lamb_bucket(
                 math_params,
                 math_grads,
                 bucket_exp_avgs,
@@ -324,6 +329,8 @@ def lamb(
                 adapt=adapt,
                 max_trust_ratio=max_trust_ratio,
             )
+        if trust_ratio_record is not None and ratios is not None:
+            trust_ratio_record.append((bucket_params, ratios))
 
 
 def _lamb_bucket(
@@ -344,8 +351,10 @@ def _lamb_bucket(
     decoupled_weight_decay: bool,
     adapt: bool,
     max_trust_ratio: float | None,
-) -> None:
-    """One (device, dtype) bucket of :func:`lamb`, all tensors in the math dtype; ``grads`` may alias ``.grad``."""
+) -> Tensor | None:
+    """One (device, dtype) bucket of :func:`lamb`, all tensors in the math dtype; ``grads`` may alias ``.grad``.
+
+    Returns the trust ratios applied (None without ``adapt``)."""
     torch._foreach_add_(state_steps, 1.0)
 
     if global_grad_norm is not None:
@@ -374,9 +383,11 @@ def _lamb_bucket(
 
     # Algorithm 2, update: x = x - lr * phi(||x||) / ||u|| * u with u = r + wd x, phi the identity;
     # the ratio is clipped from above for LAMBC
+    ratios = None
     if adapt:
         ratios = trust_ratios(torch._foreach_norm(params), torch._foreach_norm(updates))
         if max_trust_ratio is not None:
             ratios = ratios.clamp(max=max_trust_ratio)
         torch._foreach_mul_(updates, ratios.unbind())
     torch._foreach_add_(params, updates, alpha=-lr)
+    return ratios

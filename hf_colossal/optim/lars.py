@@ -155,6 +155,7 @@ class Lars(LayerwiseOptimizer):
                 trust_clip=group["trust_clip"],
                 adapt=group["adapt"] or group["always_adapt"],
                 lr_in_momentum=group["lr_in_momentum"],
+                trust_ratio_record=self.__dict__.get("_trust_ratio_record"),
             )
             if group["momentum"] != 0:
                 for param, momentum_buffer in zip(params, momentum_buffers):
@@ -210,7 +211,9 @@ class Lars(LayerwiseOptimizer):
                 key = (index, bucket_columns[0][0].device, bucket_columns[0][0].dtype)
                 flags = [fresh[i] for i in indices]
                 bucket = _triton.table_cache(self).bucket(key, bucket_columns, flags)
-                buckets.append(_triton.GroupBucket(bucket, hyper, _triton.NONFINITE_CHECK[group["nonfinite"]]))
+                buckets.append(
+                    _triton.GroupBucket(bucket, hyper, _triton.NONFINITE_CHECK[group["nonfinite"]], bucket_columns[0])
+                )
                 entries.append(_triton.PlanEntry(index, bucket_columns[0], bucket))
         run_fused(self, buckets, new_params, self._fused_launch)
         remember_fused_plan(self, entries, new_params, self._state_keys)
@@ -259,12 +262,15 @@ def lars(
     trust_clip: bool,
     adapt: bool,
     lr_in_momentum: bool,
+    trust_ratio_record: list[tuple[list[Tensor], Tensor]] | None = None,
 ) -> None:
     r"""Functional LARS step (You, Gitman, Ginsburg 2017, eq. 6 and Algorithm 1); see :class:`Lars` for the math.
 
     Updates ``params`` and the buffers of ``momentum_buffer_list`` in place; a ``None`` entry gets a new buffer
     (like ``torch.optim.SGD``: the first step's direction), stored back into the list. ``grads`` are only read.
     ``grad_norms`` are the gradients' L2 norms if already computed; they are taken here when ``None``.
+    With ``adapt``, each bucket's (parameters, local learning rates before any lr factor) is appended to
+    ``trust_ratio_record`` when given.
     """
     if grad_norms is None:
         grad_norms = foreach_norms(grads)
@@ -272,7 +278,7 @@ def lars(
         [params, grads, momentum_buffer_list, grad_norms]
     ):
         with math_precision(bucket_params, bucket_grads) as (math_params, math_grads):
-            _lars_bucket(
+            ratios = _lars_bucket(
                 math_params,
                 math_grads,
                 bucket_buffers,
@@ -288,6 +294,8 @@ def lars(
                 adapt=adapt,
                 lr_in_momentum=lr_in_momentum,
             )
+        if trust_ratio_record is not None and ratios is not None:
+            trust_ratio_record.append((bucket_params, ratios))
         if momentum != 0:
             for index, buffer in zip(indices, bucket_buffers):
                 momentum_buffer_list[index] = buffer
@@ -309,14 +317,16 @@ def _lars_bucket(
     trust_clip: bool,
     adapt: bool,
     lr_in_momentum: bool,
-) -> None:
+) -> Tensor | None:
     """One (device, dtype) bucket of :func:`lars`, all tensors in the math dtype; ``grads`` may alias ``.grad``.
 
-    ``None`` entries of ``momentum_buffers`` are replaced by new buffers.
+    ``None`` entries of ``momentum_buffers`` are replaced by new buffers. Returns the local learning rates (trust
+    ratios, after the LARC clip) that were applied, None without ``adapt``.
     """
     directions = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay != 0 else grads
 
     # Eq. 6: local lr = eta ||x|| / (||g|| + wd ||x|| + eps), 1 where a norm is 0; LARC clip: min(local / lr, 1)
+    local_lrs = None
     if adapt:
         local_lrs = trust_ratios(
             torch._foreach_norm(params),
@@ -327,9 +337,7 @@ def _lars_bucket(
         )
         if trust_clip:
             local_lrs = torch.clamp(local_lrs / lr, max=1.0)
-        if lr_in_momentum:
-            local_lrs = local_lrs * lr
-        directions = torch._foreach_mul(directions, local_lrs.unbind())
+        directions = torch._foreach_mul(directions, (local_lrs * lr if lr_in_momentum else local_lrs).unbind())
     elif lr_in_momentum:
         directions = torch._foreach_mul(directions, lr)
 
@@ -352,3 +360,4 @@ def _lars_bucket(
 
     # Algorithm 1, weights: x = x - lr * step, or x = x - step when the lr is already inside the buffer
     torch._foreach_add_(params, steps, alpha=-1.0 if lr_in_momentum else -lr)
+    return local_lrs

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from ..callbacks import LRScalingCallback, WarmupCallback
+from ..callbacks import LayerStatsCallback, LRScalingCallback, WarmupCallback
 
 TASKS = ("sequence_classification", "causal_lm", "image_classification")
 
@@ -81,8 +81,21 @@ class Recipe:
 
 #: What the ``callbacks:`` and ``plugins:`` slots accept, by name. An entry is the name alone or a mapping with
 #: ``name`` and the constructor's keyword arguments, e.g. ``{name: lr_scaling, reference_batch_size: 32}``.
-RECIPE_CALLBACKS: dict[str, type] = {"lr_scaling": LRScalingCallback, "warmup": WarmupCallback}
+RECIPE_CALLBACKS: dict[str, type] = {
+    "lr_scaling": LRScalingCallback, "warmup": WarmupCallback, "layer_stats": LayerStatsCallback,
+}
 RECIPE_PLUGINS: dict[str, type] = {}
+
+#: Entries users ask for that are refused on purpose, with the reason.
+REFUSED_ENTRIES: dict[str, str] = {
+    "batch_ramp": (
+        "a batch-size ramp (Smith et al. 2018) is not offered: Trainer computes the optimizer steps per epoch once "
+        "from len(train_dataloader) // gradient_accumulation_steps and resumes by global_step modulo that number, "
+        "so a batch that grows mid-run (a growing sampler or accumulation) misaligns epochs, max_steps and "
+        "checkpoint resume. The same effect per Smith et al.: keep the batch and decay the learning rate by the "
+        "factor the batch would have grown (training.lr_scheduler_type), or train in stages, one run per batch size"
+    ),
+}
 
 
 def _fail(source: str, field: str, message: str) -> RecipeError:
@@ -121,6 +134,8 @@ def build_slot_entry(entry: Any, registry: dict[str, type], source: str, field: 
     """Construct one ``callbacks:`` / ``plugins:`` entry; errors name the file, the field and the choices."""
     options = {"name": entry} if isinstance(entry, str) else dict(entry or {})
     name = options.pop("name", None)
+    if name in REFUSED_ENTRIES:
+        raise _fail(source, field, f"{name}: {REFUSED_ENTRIES[name]}")
     if name not in registry:
         raise _fail(source, field, f"unknown entry {name!r}; allowed: {', '.join(sorted(registry)) or 'none yet'}")
     try:

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from hf_colossal.callbacks import LRScalingCallback, WarmupCallback
 from hf_colossal.callbacks.large_batch import lr_scale_factor, warmup_multiplier
@@ -78,6 +79,33 @@ def test_clear_errors(tmp_path, tokenized, minilm_path):
     trainer.add_callback(LRScalingCallback(4))
     with pytest.raises(ValueError, match="needs a LambdaLR-based scheduler"):
         trainer.train()
+
+
+def test_bad_sizes_fail_before_the_first_step(tmp_path, tokenized, minilm_path):
+    trainer = make_trainer(tmp_path, tokenized, minilm_path, optim="lamb", max_steps=4)
+    trainer.add_callback(WarmupCallback(4))
+    with pytest.raises(ValueError, match=r"warmup_steps=4\) is not shorter than the whole run \(4 optimizer steps\)"):
+        trainer.train()
+    trainer = make_trainer(tmp_path, tokenized, minilm_path, optim="lamb")  # effective batch 8
+    trainer.add_callback(LRScalingCallback(reference_batch_size=3))
+    with pytest.raises(ValueError, match="effective batch 8 .* reference_batch_size 3: neither is a whole multiple"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+class ChangesAccumulation(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            args.gradient_accumulation_steps = 2
+
+
+def test_a_batch_changed_mid_run_stops_training_loudly(tmp_path, tokenized, minilm_path):
+    trainer = make_trainer(tmp_path, tokenized, minilm_path, optim="lamb")
+    trainer.add_callback(LRScalingCallback(reference_batch_size=4))
+    trainer.add_callback(ChangesAccumulation())
+    with pytest.raises(RuntimeError, match=r"effective batch changed mid-run \(8 -> 16"):
+        trainer.train()
+    assert trainer.state.global_step == 2
 
 
 def test_resume_continues_the_same_schedule_exactly(tmp_path, tokenized, minilm_path):

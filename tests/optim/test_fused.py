@@ -131,6 +131,25 @@ def test_fused_matches_foreach(name, option, dtype):
         assert fused_opt.state[fused_tensors[0]]["step"].item() == len(grads)
 
 
+@fused_device
+@pytest.mark.parametrize(("name", "option"), CASES, ids=[f"{n}-{o}" for n, o in CASES])
+def test_recorded_trust_ratios_match_foreach(name, option):
+    params, grads = make_problem(steps=3)
+    recorded = {}
+    for label, fused in (("foreach", False), ("fused", True)):
+        tensors, optimizer = build(name, option, params, DEVICE, torch.float32, fused)
+        run(tensors, optimizer, grads[:2], torch.float32)
+        optimizer.record_trust_ratios()
+        run(tensors, optimizer, grads[2:], torch.float32, first_step=2)
+        ratios = optimizer.take_trust_ratios()
+        recorded[label] = [ratios[t].item() if t in ratios else None for t in tensors]
+        assert optimizer.take_trust_ratios() == {}  # taking them ends the recording
+    assert [r is None for r in recorded["fused"]] == [r is None for r in recorded["foreach"]]
+    assert [r is None for r in recorded["fused"]].count(False) >= len(WEIGHT_SHAPES)
+    numbers = [(a, b) for a, b in zip(recorded["foreach"], recorded["fused"]) if a is not None]
+    assert [b for _, b in numbers] == pytest.approx([a for a, _ in numbers], rel=1e-5)
+
+
 def test_fused_path_is_chosen_and_deterministic():
     if DEVICE is None:
         pytest.skip("needs a CUDA device (or TRITON_INTERPRET=1 with triton)")

@@ -108,3 +108,29 @@ def test_works_with_peft_loraplus(name):
     model(torch.randn(4, 8)).pow(2).sum().backward()
     optimizer.step()
     assert any(not torch.equal(p, b) for p, b in zip(lora_b, before))
+
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_recorded_trust_ratios_are_the_ones_applied(name):
+    """First step from zero state: LAMB's update is g / (|g| + eps) (Alg. 2 with m_hat = g, v_hat = g^2), its ratio
+    ||x|| / ||u||; LARS's local lr is eta ||x|| / (||g|| + wd ||x|| + eps) (eq. 6). Both move x by lr * ratio * u.
+    The bias group does not adapt and is not recorded."""
+    weight, bias = torch.randn(6, 5, requires_grad=True), torch.randn(6, requires_grad=True)
+    weight.grad, bias.grad = torch.randn(6, 5), torch.randn(6)
+    initial, grad = weight.detach().clone(), weight.grad.clone()
+    if name == "lamb":
+        optimizer = Lamb([{"params": [weight]}, {"params": [bias], "adapt": False}], lr=0.1, eps=1e-6)
+        update = grad / (grad.abs() + 1e-6)
+        expected = initial.norm() / update.norm()
+    else:
+        optimizer = Lars([{"params": [weight]}, {"params": [bias], "adapt": False}], lr=0.1, weight_decay=1e-3,
+                         trust_coefficient=0.02, eps=1e-8)
+        update = grad + 1e-3 * initial
+        expected = 0.02 * initial.norm() / (grad.norm() + 1e-3 * initial.norm() + 1e-8)
+    optimizer.record_trust_ratios()
+    optimizer.step()
+    ratios = optimizer.take_trust_ratios()
+    assert list(ratios) == [weight]
+    torch.testing.assert_close(ratios[weight], expected)
+    torch.testing.assert_close(weight.detach(), initial - 0.1 * expected * update)

@@ -122,6 +122,7 @@ def _sequence_classification(recipe: Recipe, args: Any) -> TaskSetup:
         num_labels=len(names),
         id2label=dict(enumerate(names)),
         label2id={n: i for i, n in enumerate(names)},
+        dtype=recipe.model.dtype,
     )
 
     return TaskSetup(
@@ -173,7 +174,7 @@ def _causal_lm(recipe: Recipe, args: Any) -> TaskSetup:
         )
         model = AutoModelForCausalLM.from_config(config)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_section.name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(model_section.name_or_path, dtype=model_section.dtype)
     return TaskSetup(
         model=model,
         tokenizer=tokenizer,
@@ -280,6 +281,7 @@ def run_recipe(recipe: Recipe) -> dict[str, Any]:
             **eval_metrics,
             **setup.extra_metrics,
             "train_loss": train_result.training_loss,
+            "train_seconds": train_result.metrics["train_runtime"],
             "global_step": trainer.state.global_step,
             "wall_seconds": round(time.time() - started, 1),
             "optim": str(getattr(args.optim, "value", args.optim)),

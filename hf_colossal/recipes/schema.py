@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,9 @@ class ModelSection:
     tokenizer: str | None = None
     bpe_vocab_size: int = 4096
     ghost_batch_size: int | None = None  # replace BatchNorm layers by ghost batch norm (Hoffer et al. 2017)
+    # dtype pretrained weights load in: float32 keeps fp32 master weights under --bf16 / --fp16 (transformers
+    # would otherwise keep a half-precision checkpoint in half precision); "auto" keeps the checkpoint's dtype
+    dtype: str = "float32"
 
 
 @dataclasses.dataclass
@@ -121,13 +125,32 @@ def _check_training(training: Any, source: str) -> dict[str, Any]:
         return {}
     if not isinstance(training, dict):
         raise _fail(source, "training", "must be a mapping of TrainingArguments fields")
-    valid = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-    for key in training:
-        if key not in valid:
-            close = difflib.get_close_matches(key, sorted(valid), n=3)
+    fields = {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+    checked = dict(training)
+    for key, value in training.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, sorted(fields), n=3)
             hint = f"did you mean {', '.join(close)}?" if close else "see transformers.TrainingArguments"
             raise _fail(source, f"training.{key}", f"not a TrainingArguments field; {hint}")
-    return dict(training)
+        if isinstance(value, str) and _accepts_float(fields[key].type) and not _accepts_str(fields[key].type):
+            # YAML 1.1 reads 5e-5 (no dot) as a string; TrainingArguments would pass it on unconverted
+            try:
+                checked[key] = float(value)
+            except ValueError:
+                raise _fail(source, f"training.{key}", f"expected a number, got {value!r}") from None
+    return checked
+
+
+def _type_args(annotation: Any) -> tuple[Any, ...]:
+    return typing.get_args(annotation) or (annotation,)
+
+
+def _accepts_float(annotation: Any) -> bool:
+    return float in _type_args(annotation)
+
+
+def _accepts_str(annotation: Any) -> bool:
+    return str in _type_args(annotation)
 
 
 def build_slot_entry(entry: Any, registry: dict[str, type], source: str, field: str) -> Any:

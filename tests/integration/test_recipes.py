@@ -41,6 +41,7 @@ def test_builtin_recipes_are_valid():
         ({"model": {"embeded": "minilm"}}, r"field 'model.embeded': unknown field; allowed: embedded"),
         ({"model": {}}, r"field 'model': set exactly one of embedded, name_or_path, from_config"),
         ({"training": {"learning_rat": 1e-3}}, r"field 'training.learning_rat': .*did you mean learning_rate"),
+        ({"training": {"learning_rate": "fast"}}, r"field 'training.learning_rate': expected a number, got 'fast'"),
         ({"callbacks": ["lr_scale"]}, r"field 'callbacks': unknown entry 'lr_scale'; allowed: layer_stats, lr_scaling"),
         ({"callbacks": [{"name": "batch_ramp"}]}, r"batch_ramp: a batch-size ramp .* is not offered: Trainer computes"),
         ({"callbacks": [{"name": "warmup", "steps": 3}]}, r"field 'callbacks.warmup': .*unexpected keyword argument 'steps'"),

@@ -380,6 +380,70 @@ def restore_state_precision(optimizer: Optimizer, state_dict: dict[str, Any]) ->
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Sharded parameters (FSDP2 DTensors)
+
+
+def _dtensor_class() -> type | None:
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def shard_group(params: Sequence[Tensor]) -> Any:
+    """The process group over which ``params`` are sharded (FSDP2 / HSDP DTensors), or None for plain tensors.
+
+    A norm over a whole parameter is then the all-reduced sum of its shards' squared norms over this group;
+    replicated mesh dimensions (HSDP's outer one) hold identical shards and need no reduction. Raises
+    ``ValueError`` when parameters mix plain tensors and DTensors, are sharded over several mesh dimensions, or
+    over different groups.
+    """
+    dtensor = _dtensor_class()
+    if dtensor is None or not params or not any(isinstance(p, dtensor) for p in params):
+        return None
+    from torch.distributed.tensor import Shard
+
+    groups = set()
+    for param in params:
+        if not isinstance(param, dtensor):
+            raise ValueError("some parameters are DTensors (FSDP2) and some are not; shard all of them or none")
+        dims = [dim for dim, placement in enumerate(param.placements) if isinstance(placement, Shard)]
+        if len(dims) > 1:
+            raise ValueError(f"a parameter is sharded over mesh dimensions {dims}; one sharded dimension is supported")
+        if dims:
+            groups.add(param.device_mesh.get_group(dims[0]))
+    if len(groups) > 1:
+        raise ValueError("parameters are sharded over different process groups; use one FSDP2 mesh per optimizer")
+    return groups.pop() if groups else None
+
+
+def local_tensors(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The local shards of DTensors (views: updating them updates the DTensor), plain tensors as they are."""
+    dtensor = _dtensor_class()
+    return [t.to_local() if dtensor is not None and isinstance(t, dtensor) else t for t in tensors]
+
+
+def shaped_like(local: Tensor, param: Tensor) -> Tensor:
+    """``local`` (a tensor shaped like ``param``'s local shard) as a DTensor laid out like ``param`` if ``param``
+    is one (optimizer state of FSDP2 parameters stays DTensors, as distributed checkpoints expect)."""
+    dtensor = _dtensor_class()
+    if dtensor is None or not isinstance(param, dtensor):
+        return local
+    return dtensor.from_local(local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
+
+
+def all_reduce_norms(norm_lists: Sequence[Sequence[Tensor]], group: Any) -> list[list[Tensor]]:
+    """Whole-parameter L2 norms from the per-shard norms of every list: ONE all-reduce of the stacked squares."""
+    sizes = [len(norms) for norms in norm_lists]
+    squares = torch.stack([norm for norms in norm_lists for norm in norms]).square()
+    torch.distributed.all_reduce(squares, group=group)
+    norms = squares.sqrt().unbind()
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [list(norms[start : start + size]) for start, size in zip(starts, sizes)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Norms, the non-finite policy and the trust ratio
 
 
@@ -404,19 +468,24 @@ def stack_on_one_device(scalars: Sequence[Tensor]) -> Tensor:
     return torch.stack([scalar.to(device) for scalar in scalars])
 
 
-def global_l2_norm(norms: Sequence[Tensor]) -> Tensor:
-    """The L2 norm of the concatenation of tensors, from their per-tensor L2 ``norms`` (no host sync)."""
-    return torch.linalg.vector_norm(stack_on_one_device(norms))
+def global_l2_norm(norms: Sequence[Tensor], group: Any = None) -> Tensor:
+    """The L2 norm of the concatenation of tensors, from their per-tensor L2 ``norms`` (no host sync); of the
+    shards' concatenation over ``group`` when given (one all-reduce)."""
+    square = torch.linalg.vector_norm(stack_on_one_device(norms)).square()
+    if group is not None:
+        torch.distributed.all_reduce(square, group=group)
+    return square.sqrt()
 
 
 def nonfinite_policy_allows_step(
-    optimizer_name: str, param_groups: list[dict[str, Any]], grad_norms: list[list[Tensor]]
+    optimizer_name: str, param_groups: list[dict[str, Any]], grad_norms: list[list[Tensor]], group: Any = None
 ) -> bool:
     """Apply each group's ``nonfinite`` policy; return whether the step may go ahead.
 
     ``grad_norms[i]`` holds the per-tensor gradient norms of ``param_groups[i]``; a gradient is non-finite when its
     norm is inf/NaN (an fp32 norm that overflows counts too). Groups with ``nonfinite="apply"`` are not checked.
-    Costs one host synchronisation when any group is checked.
+    Costs one host synchronisation when any group is checked. With sharded parameters (``group``, see
+    :func:`shard_group`) the counts are all-reduced first, so every rank takes the same decision.
 
     - ``"error"``: raise ``FloatingPointError`` naming how many parameters of such groups had non-finite gradients.
     - ``"skip"``: if a checked group has one, the whole step is skipped (no parameter or state of any group
@@ -427,9 +496,10 @@ def nonfinite_policy_allows_step(
     ]
     if not checked:
         return True
-    nonfinite_counts = stack_on_one_device(
-        [(~stack_on_one_device(norms).isfinite()).sum() for _, norms in checked]
-    ).tolist()
+    nonfinite_counts = stack_on_one_device([(~stack_on_one_device(norms).isfinite()).sum() for _, norms in checked])
+    if group is not None:
+        torch.distributed.all_reduce(nonfinite_counts, group=group)
+    nonfinite_counts = nonfinite_counts.tolist()
     errors = sum(count for (group, _), count in zip(checked, nonfinite_counts) if group["nonfinite"] == "error")
     if errors:
         raise FloatingPointError(
@@ -476,7 +546,8 @@ class LayerwiseOptimizer(Optimizer):
     """Glue that :class:`~hf_colossal.optim.Lamb` and :class:`~hf_colossal.optim.Lars` share.
 
     Subclasses set ``name`` and ``check_hyperparameters`` (a function of ``(hyperparameters, where)`` that raises
-    ``ValueError``), and implement ``_foreach_step``, ``_fused_step``, ``_fused_hyper``, ``_fused_launch`` and
+    ``ValueError``), and implement ``_foreach_step`` (given the gathered tensors and the :func:`shard_group` of
+    FSDP2 parameters, None otherwise), ``_fused_step``, ``_fused_hyper``, ``_fused_launch`` and
     ``_state_keys`` (the state a group's fused plan depends on). Every param group, later ones included, is validated and stored as a :class:`ParamGroup`;
     loading a state dict keeps fp32 state for fp16/bf16 parameters and this optimizer's ``fused``/``foreach``
     choice.
@@ -508,7 +579,7 @@ class LayerwiseOptimizer(Optimizer):
         if use_fused_path(self.name, self.param_groups, params_and_grads):
             self._fused_step(params_and_grads)
         else:
-            self._foreach_step(params_and_grads)
+            self._foreach_step(params_and_grads, shard_group([p for params, _ in params_and_grads for p in params]))
         return loss
 
     def record_trust_ratios(self) -> None:

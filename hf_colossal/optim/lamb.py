@@ -19,12 +19,14 @@ from torch.optim.optimizer import ParamsT
 from . import _triton
 from ._foreach import (
     LayerwiseOptimizer,
+    all_reduce_norms,
     check_common_hyperparameters,
     fused_fast_step,
     foreach_norms,
     global_l2_norm,
     group_by_device_and_dtype,
     is_real,
+    local_tensors,
     math_dtype,
     math_precision,
     nonfinite_policy_allows_step,
@@ -159,16 +161,17 @@ class Lamb(LayerwiseOptimizer):
             state_steps.append(place_step(state, param.device if fused else torch.device("cpu")))
         return exp_avgs, exp_avg_sqs, state_steps
 
-    def _foreach_step(self, params_and_grads: list[tuple[list[Tensor], list[Tensor]]]) -> None:
-        """One step of every group on the multi-tensor path (:func:`lamb`)."""
+    def _foreach_step(self, params_and_grads: list[tuple[list[Tensor], list[Tensor]]], sharding: Any) -> None:
+        """One step of every group on the multi-tensor path (:func:`lamb`); ``sharding``: the process group of
+        FSDP2 parameters (norms are then all-reduced over it), else None."""
         any_pre_normalization = any(group["grad_pre_normalization"] for group in self.param_groups)
         global_grad_norm = None
         if any_pre_normalization or any(group["nonfinite"] != "apply" for group in self.param_groups):
-            grad_norms = [foreach_norms(grads) for _, grads in params_and_grads]
-            if not nonfinite_policy_allows_step("Lamb", self.param_groups, grad_norms):
+            grad_norms = [foreach_norms(local_tensors(grads)) for _, grads in params_and_grads]
+            if not nonfinite_policy_allows_step("Lamb", self.param_groups, grad_norms, sharding):
                 return
             if any_pre_normalization:
-                global_grad_norm = global_l2_norm(list(chain.from_iterable(grad_norms)))
+                global_grad_norm = global_l2_norm(list(chain.from_iterable(grad_norms)), sharding)
 
         for group, (params, grads) in zip(self.param_groups, params_and_grads):
             if not params:
@@ -176,10 +179,10 @@ class Lamb(LayerwiseOptimizer):
             exp_avgs, exp_avg_sqs, state_steps = self._init_group(params)
             beta1, beta2 = group["betas"]
             lamb(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
+                local_tensors(params),
+                local_tensors(grads),
+                local_tensors(exp_avgs),
+                local_tensors(exp_avg_sqs),
                 state_steps,
                 global_grad_norm=global_grad_norm if group["grad_pre_normalization"] else None,
                 pre_normalization_max_norm=group["pre_normalization_max_norm"],
@@ -193,6 +196,7 @@ class Lamb(LayerwiseOptimizer):
                 adapt=group["adapt"] or group["always_adapt"],
                 max_trust_ratio=group["max_trust_ratio"],
                 trust_ratio_record=self.__dict__.get("_trust_ratio_record"),
+                shard_group=sharding,
             )
 
     @staticmethod
@@ -299,6 +303,7 @@ def lamb(
     adapt: bool,
     max_trust_ratio: float | None,
     trust_ratio_record: list[tuple[list[Tensor], Tensor]] | None = None,
+    shard_group: Any = None,
 ) -> None:
     r"""Functional LAMB step (You et al. 2019, Algorithm 2) over lists of tensors; see :class:`Lamb` for the math.
 
@@ -306,6 +311,8 @@ def lamb(
     ``global_grad_norm``, when given, is :math:`\|G\|_2` of the NVLAMB pre-normalisation
     :math:`g / \max(1, \|G\|_2 / \text{pre\_normalization\_max\_norm})`. ``adapt`` turns the trust ratio on.
     With ``adapt``, each bucket's (parameters, trust ratios) is appended to ``trust_ratio_record`` when given.
+    The tensors may be local shards of parameters sharded over ``shard_group`` (FSDP2): the trust ratio then uses
+    whole-parameter norms, the shards' squared norms summed in one all-reduce per bucket.
     """
     for (bucket_params, bucket_grads, bucket_exp_avgs, bucket_exp_avg_sqs, bucket_steps), _ in (
         group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, state_steps])
@@ -328,6 +335,7 @@ def lamb(
                 decoupled_weight_decay=decoupled_weight_decay,
                 adapt=adapt,
                 max_trust_ratio=max_trust_ratio,
+                shard_group=shard_group,
             )
         if trust_ratio_record is not None and ratios is not None:
             trust_ratio_record.append((bucket_params, ratios))
@@ -351,6 +359,7 @@ def _lamb_bucket(
     decoupled_weight_decay: bool,
     adapt: bool,
     max_trust_ratio: float | None,
+    shard_group: Any,
 ) -> Tensor | None:
     """One (device, dtype) bucket of :func:`lamb`, all tensors in the math dtype; ``grads`` may alias ``.grad``.
 
@@ -385,7 +394,10 @@ def _lamb_bucket(
     # the ratio is clipped from above for LAMBC
     ratios = None
     if adapt:
-        ratios = trust_ratios(torch._foreach_norm(params), torch._foreach_norm(updates))
+        weight_norms, update_norms = torch._foreach_norm(params), torch._foreach_norm(updates)
+        if shard_group is not None:
+            weight_norms, update_norms = all_reduce_norms([weight_norms, update_norms], shard_group)
+        ratios = trust_ratios(weight_norms, update_norms)
         if max_trust_ratio is not None:
             ratios = ratios.clamp(max=max_trust_ratio)
         torch._foreach_mul_(updates, ratios.unbind())

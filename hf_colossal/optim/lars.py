@@ -16,17 +16,20 @@ from torch.optim.optimizer import ParamsT
 from . import _triton
 from ._foreach import (
     LayerwiseOptimizer,
+    all_reduce_norms,
     check_common_hyperparameters,
     fused_fast_step,
     foreach_norms,
     group_by_device_and_dtype,
     is_real,
+    local_tensors,
     math_dtype,
     math_precision,
     nonfinite_policy_allows_step,
     require,
     remember_fused_plan,
     run_fused,
+    shaped_like,
     trust_ratios,
 )
 
@@ -130,19 +133,20 @@ class Lars(LayerwiseOptimizer):
         }
         super().__init__(params, defaults)
 
-    def _foreach_step(self, params_and_grads: list[tuple[list[Tensor], list[Tensor]]]) -> None:
-        """One step of every group on the multi-tensor path (:func:`lars`)."""
-        grad_norms = [foreach_norms(grads) for _, grads in params_and_grads]
-        if not nonfinite_policy_allows_step("Lars", self.param_groups, grad_norms):
+    def _foreach_step(self, params_and_grads: list[tuple[list[Tensor], list[Tensor]]], sharding: Any) -> None:
+        """One step of every group on the multi-tensor path (:func:`lars`); ``sharding``: the process group of
+        FSDP2 parameters (norms are then all-reduced over it), else None."""
+        grad_norms = [foreach_norms(local_tensors(grads)) for _, grads in params_and_grads]
+        if not nonfinite_policy_allows_step("Lars", self.param_groups, grad_norms, sharding):
             return
 
         for group, (params, grads), group_grad_norms in zip(self.param_groups, params_and_grads, grad_norms):
             if not params:
                 continue
-            momentum_buffers = [self.state[param].get("momentum_buffer") for param in params]
+            momentum_buffers = local_tensors([self.state[param].get("momentum_buffer") for param in params])
             lars(
-                params,
-                grads,
+                local_tensors(params),
+                local_tensors(grads),
                 momentum_buffers,
                 grad_norms=group_grad_norms,
                 lr=group["lr"],
@@ -156,10 +160,12 @@ class Lars(LayerwiseOptimizer):
                 adapt=group["adapt"] or group["always_adapt"],
                 lr_in_momentum=group["lr_in_momentum"],
                 trust_ratio_record=self.__dict__.get("_trust_ratio_record"),
+                shard_group=sharding,
             )
             if group["momentum"] != 0:
                 for param, momentum_buffer in zip(params, momentum_buffers):
-                    self.state[param]["momentum_buffer"] = momentum_buffer
+                    if "momentum_buffer" not in self.state[param]:
+                        self.state[param]["momentum_buffer"] = shaped_like(momentum_buffer, param)
 
     @staticmethod
     def _state_keys(group: dict[str, Any]) -> tuple[str, ...]:
@@ -263,6 +269,7 @@ def lars(
     adapt: bool,
     lr_in_momentum: bool,
     trust_ratio_record: list[tuple[list[Tensor], Tensor]] | None = None,
+    shard_group: Any = None,
 ) -> None:
     r"""Functional LARS step (You, Gitman, Ginsburg 2017, eq. 6 and Algorithm 1); see :class:`Lars` for the math.
 
@@ -270,7 +277,8 @@ def lars(
     (like ``torch.optim.SGD``: the first step's direction), stored back into the list. ``grads`` are only read.
     ``grad_norms`` are the gradients' L2 norms if already computed; they are taken here when ``None``.
     With ``adapt``, each bucket's (parameters, local learning rates before any lr factor) is appended to
-    ``trust_ratio_record`` when given.
+    ``trust_ratio_record`` when given. The tensors may be local shards of parameters sharded over ``shard_group``
+    (FSDP2): the trust ratio then uses whole-parameter norms (one all-reduce of squared shard norms per bucket).
     """
     if grad_norms is None:
         grad_norms = foreach_norms(grads)
@@ -293,6 +301,7 @@ def lars(
                 trust_clip=trust_clip,
                 adapt=adapt,
                 lr_in_momentum=lr_in_momentum,
+                shard_group=shard_group,
             )
         if trust_ratio_record is not None and ratios is not None:
             trust_ratio_record.append((bucket_params, ratios))
@@ -317,6 +326,7 @@ def _lars_bucket(
     trust_clip: bool,
     adapt: bool,
     lr_in_momentum: bool,
+    shard_group: Any,
 ) -> Tensor | None:
     """One (device, dtype) bucket of :func:`lars`, all tensors in the math dtype; ``grads`` may alias ``.grad``.
 
@@ -328,8 +338,11 @@ def _lars_bucket(
     # Eq. 6: local lr = eta ||x|| / (||g|| + wd ||x|| + eps), 1 where a norm is 0; LARC clip: min(local / lr, 1)
     local_lrs = None
     if adapt:
+        weight_norms = torch._foreach_norm(params)
+        if shard_group is not None:
+            weight_norms, grad_norms = all_reduce_norms([weight_norms, grad_norms], shard_group)
         local_lrs = trust_ratios(
-            torch._foreach_norm(params),
+            weight_norms,
             grad_norms,
             coefficient=trust_coefficient,
             weight_decay=weight_decay,

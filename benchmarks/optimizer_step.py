@@ -14,18 +14,43 @@ nonfinite=apply; the fused LARS 28 B/param), so the fraction compares implementa
 
 "lamb" and "lars" take the fused Triton path on CUDA (fused=None); "lamb_foreach" and "lars_foreach" are the same
 optimizers forced onto the torch._foreach_* path (fused=False).
+
+Shampoo / SOAP (names ending in _f10 / _f100: preconditioners recomputed every 10 / 100 steps, blocks of 1024):
+ours ("shampoo_*", "soap_*"; "_bf16" = matmul_dtype=bfloat16), pytorch-optimizer's SOAP ("po_soap") and Meta's
+distributed_shampoo ("meta_*", imported from the folder in $HF_COLOSSAL_PEERS, e.g. a checkout's root, with the
+settings of ../shared/bench/anchor_steps.py). Their timing starts after the first preconditioned step (warm-up
+f + 5 steps) and runs over a whole number of recompute periods (60 steps for f10, 200 for f100), so the reported
+means are amortized steady-state steps; compare "step ms mean" (and its ratio to AdamW's) for them.
+
+K-FAC ("kfac_f10": ours, factors and inverses every 10 steps, lm_head left to the base rule; "kfac_pytorch_f10":
+kfac-pytorch's KAISA preconditioner before torch SGD, the anchors' settings) takes its statistics in forward and
+backward hooks, so only "step ms mean" compares it. $HF_COLOSSAL_PEERS may list several folders (os.pathsep).
 """
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 
+SECOND_ORDER = ["shampoo_f10", "shampoo_f100", "soap_f10", "shampoo_f10_bf16", "soap_f10_bf16", "po_soap",
+                "meta_shampoo_f10", "meta_shampoo_f100", "meta_soap_f10"]
+SECOND_ORDER += ["kfac_f10", "kfac_pytorch_f10"]
 NAMES = ["adamw_fused", "sgd_foreach", "lamb", "lamb_apply", "lamb_foreach", "lars", "lars_foreach", "po_lamb",
-         "po_lars"]
+         "po_lars", *SECOND_ORDER]
 BYTES_PER_PARAM = {"adamw_fused": 28, "lamb": 28, "lamb_apply": 28, "lamb_foreach": 28, "po_lamb": 28,
-                   "sgd_foreach": 16, "lars": 16, "lars_foreach": 16, "po_lars": 16}
+                   "sgd_foreach": 16, "lars": 16, "lars_foreach": 16, "po_lars": 16,
+                   **{name: 28 for name in SECOND_ORDER}}
+
+
+def recompute_frequency(name):
+    """10 or 100 for the Shampoo/SOAP names (po_soap: 10), None for the others."""
+    if name == "po_soap":
+        return 10
+    if name in SECOND_ORDER:
+        return int(name.split("_f")[1].split("_")[0])
+    return None
 
 
 def build(name, model):
@@ -44,6 +69,18 @@ def build(name, model):
         return hf_colossal.build_optimizer("lamb", model, lr=1e-4, weight_decay=0.01, options="nonfinite=apply")
     if name == "lars":
         return hf_colossal.build_optimizer("lars", model, lr=1e-3, weight_decay=1e-4)
+    if name.startswith(("shampoo_", "soap_")):
+        options = f"precondition_frequency={recompute_frequency(name)}"
+        if name.endswith("_bf16"):
+            options += ",matmul_dtype=bfloat16"
+        return hf_colossal.build_optimizer(name.split("_")[0], model, lr=1e-4, weight_decay=0.01, options=options)
+    if name.startswith("meta_"):
+        return build_meta(name, params)
+    if name == "kfac_f10":
+        return hf_colossal.build_optimizer("kfac", model, lr=1e-4, weight_decay=0.01,
+                                           options="factor_interval=10,inverse_interval=10")
+    if name == "kfac_pytorch_f10":
+        return build_kfac_pytorch(model, params)
     if name in ("lamb_foreach", "lars_foreach"):
         optimizer = build(name.split("_")[0], model)
         for group in optimizer.param_groups:
@@ -55,7 +92,49 @@ def build(name, model):
         return po.Lamb(params, lr=1e-4, weight_decay=0.01)
     if name == "po_lars":
         return po.LARS(params, lr=1e-3, weight_decay=1e-4)
+    if name == "po_soap":
+        return po.SOAP(params, lr=1e-4, precondition_frequency=10, max_precondition_dim=1024)
     raise SystemExit(f"unknown optimizer {name}")
+
+
+def add_peers_to_path(name, package):
+    """Put the folders of $HF_COLOSSAL_PEERS (os.pathsep-separated) first on sys.path, or exit naming ``package``."""
+    folders = [f for f in os.environ.get("HF_COLOSSAL_PEERS", "").split(os.pathsep) if f]
+    if not folders:
+        raise SystemExit(f"{name}: set HF_COLOSSAL_PEERS to the folder holding {package}/")
+    sys.path[:0] = folders
+
+
+def build_kfac_pytorch(model, params):
+    """kfac-pytorch's KFACPreconditioner (anchors' settings) run before each step of torch SGD momentum."""
+    import torch
+
+    add_peers_to_path("kfac_pytorch_f10", "kfac")
+    from kfac.preconditioner import KFACPreconditioner
+
+    preconditioner = KFACPreconditioner(model, factor_update_steps=10, inv_update_steps=10, skip_layers=["lm_head"],
+                                        lr=1e-4)
+    optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+    optimizer.register_step_pre_hook(lambda *_: preconditioner.step())
+    return optimizer
+
+
+def build_meta(name, params):
+    """Meta's distributed_shampoo with the anchors' settings (../shared/bench/anchor_steps.py)."""
+    add_peers_to_path(name, "distributed_shampoo")
+    from distributed_shampoo import AdamPreconditionerConfig, DistributedShampoo, WeightDecayType
+
+    frequency = recompute_frequency(name)
+    kwargs = dict(lr=1e-4, betas=(0.9, 0.999), epsilon=1e-12, weight_decay=0.01, max_preconditioner_dim=1024,
+                  precondition_frequency=frequency, start_preconditioning_step=frequency,
+                  weight_decay_type=WeightDecayType.DECOUPLED)
+    if "soap" in name:
+        from distributed_shampoo import EigenvalueCorrectedShampooPreconditionerConfig
+
+        kwargs.update(preconditioner_config=EigenvalueCorrectedShampooPreconditionerConfig(), grafting_config=None)
+    else:
+        kwargs["grafting_config"] = AdamPreconditionerConfig(beta2=0.999, epsilon=1e-8)
+    return DistributedShampoo(params, **kwargs)
 
 
 def make_model(kind):
@@ -72,6 +151,10 @@ def make_model(kind):
 
 def one(name, kind, steps=60, warm=5):
     import torch
+
+    frequency = recompute_frequency(name)
+    if frequency:  # amortized steady state: past the first preconditioned step, whole recompute periods
+        warm, steps = frequency + 5, max(steps, 2 * frequency)
 
     torch.manual_seed(0)
     model, vocab = make_model(kind)
@@ -147,7 +230,7 @@ def main():
         started = time.time()
         config = ["--fused-config", ns.fused_config] if ns.fused_config else []
         out = subprocess.run([sys.executable, __file__, "--model", ns.model, "--one", name, *config],
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=600)
         line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
         if not line:
             print(f"FAIL {name}: {out.stderr[-1500:]}", flush=True)
@@ -155,14 +238,17 @@ def main():
         rows[name] = json.loads(line[0][7:])
         rows[name]["wall_s"] = round(time.time() - started, 1)
         print(json.dumps(rows[name]), flush=True)
-    print("\n| optimizer | step ms median | opt ms mean | opt / baseline | achieved / copy bandwidth | peak GiB |")
-    print("|---|---|---|---|---|---|")
+    print("\n| optimizer | step ms median | step ms mean | step mean / AdamW's | opt ms mean | opt / baseline |"
+          " achieved / copy bandwidth | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    adamw = rows.get("adamw_fused")
     for name, r in rows.items():
         baseline = rows.get("sgd_foreach" if BYTES_PER_PARAM[name] == 16 else "adamw_fused")
         ratio = r["opt_ms_mean"] / baseline["opt_ms_mean"] if baseline else float("nan")
+        step_ratio = r["step_ms_mean"] / adamw["step_ms_mean"] if adamw else float("nan")
         achieved = BYTES_PER_PARAM[name] * r["params_M"] * 1e6 / (r["opt_ms_mean"] / 1e3) / 1e12
-        print(f"| {name} | {r['step_ms_median']} | {r['opt_ms_mean']} | {ratio:.2f} | {achieved / bandwidth:.2f} |"
-              f" {r['peak_GiB']} |")
+        print(f"| {name} | {r['step_ms_median']} | {r['step_ms_mean']} | {step_ratio:.2f} | {r['opt_ms_mean']} |"
+              f" {ratio:.2f} | {achieved / bandwidth:.2f} | {r['peak_GiB']} |")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from .config import OptionsError
-from .optim import Lamb, Lars
-from .optim.configs import LambConfig, LarsConfig, OptimizerConfig
+from .optim import Kfac, Lamb, Lars, Shampoo, Soap
+from .optim.configs import KfacConfig, LambConfig, LarsConfig, OptimizerConfig, ShampooConfig, SoapConfig
 
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
@@ -64,11 +64,18 @@ class OptimizerSpec:
         eps: float | None = None,
         options: str | dict[str, Any] | OptimizerConfig | None = None,
     ) -> torch.optim.Optimizer:
-        """Construct the optimizer. A model is grouped by the config's policy; tensors or groups pass as given."""
+        """Construct the optimizer. A model is grouped by the config's policy; tensors or groups pass as given.
+
+        An optimizer whose capabilities say ``needs_model`` (K-FAC hooks the model's layers) must get the model.
+        """
         config = self.parse_options(options)
         given = {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps}
         kwargs = {k: given[k] for k in self.hyperparameters if given[k] is not None}
         kwargs.update(config.optimizer_kwargs())
+        if self.capabilities.needs_model:
+            if not isinstance(params_or_model, nn.Module):
+                raise TypeError(f"optimizer {self.name!r} needs the model (an nn.Module), not parameters")
+            kwargs["model"] = params_or_model
         if isinstance(params_or_model, nn.Module):
             params: Any = config.policy().groups(params_or_model, weight_decay)
         else:
@@ -81,8 +88,9 @@ class OptimizerSpec:
         Builds the optimizer over a 1-element CPU tensor: that checks every value, but not what depends on the
         real parameters' devices (``fused=True`` needs CUDA tensors), which the real construction checks.
         """
+        probe = nn.Linear(1, 1) if self.capabilities.needs_model else [torch.zeros(1, requires_grad=True)]
         try:
-            self.build([torch.zeros(1, requires_grad=True)], options=config, **hyperparameters)
+            self.build(probe, options=config, **hyperparameters)
         except ValueError as err:
             raise OptionsError(f"{self.config_cls.subject}: {err}\n{self.config_cls.describe()}") from None
         except RuntimeError:
@@ -150,8 +158,8 @@ def list_optimizers(verbose: bool = True) -> list[OptimizerSpec]:
 
 
 _PER_TENSOR_NORMS = (
-    "DeepSpeed ZeRO hands the optimizer flat partitions, which breaks per-tensor trust ratios; "
-    "FSDP2 needs whole-parameter norms across shards (planned)."
+    "DeepSpeed ZeRO and FSDP1 hand the optimizer flat partitions, which breaks per-tensor trust ratios. Under "
+    "FSDP2 (DTensor shards) the trust ratio uses whole-parameter norms, one all-reduce per step (foreach path)."
 )
 
 register(
@@ -160,7 +168,7 @@ register(
         optimizer_cls=Lamb,
         config_cls=LambConfig,
         hyperparameters=("lr", "weight_decay", "betas", "eps"),
-        capabilities=Capabilities(limits=_PER_TENSOR_NORMS),
+        capabilities=Capabilities(fsdp2=True, limits=_PER_TENSOR_NORMS),
         summary="Adam moments + layer-wise trust ratio (large-batch BERT)",
         reference="You et al. 2019, arXiv:1904.00962, Alg. 2",
     )
@@ -171,8 +179,53 @@ register(
         optimizer_cls=Lars,
         config_cls=LarsConfig,
         hyperparameters=("lr", "weight_decay"),
-        capabilities=Capabilities(limits=_PER_TENSOR_NORMS),
+        capabilities=Capabilities(fsdp2=True, limits=_PER_TENSOR_NORMS),
         summary="SGD momentum + layer-wise trust ratio (large-batch CNNs)",
         reference="You et al. 2017, arXiv:1708.03888, eq. 6",
+    )
+)
+register(
+    OptimizerSpec(
+        name="kfac",
+        optimizer_cls=Kfac,
+        config_cls=KfacConfig,
+        hyperparameters=("lr", "weight_decay", "betas", "eps"),
+        capabilities=Capabilities(
+            needs_model=True,
+            limits=(
+                "K-FAC hooks each layer and needs its whole weight matrix: FSDP2 DTensors and DeepSpeed ZeRO's "
+                "flat partitions are refused."
+            ),
+        ),
+        summary="Kronecker-factored natural gradient + Adam grafting",
+        reference="Martens & Grosse 2015, arXiv:1503.05671; KAISA 2021",
+    )
+)
+
+_WHOLE_MATRICES = (
+    "preconditioners need whole weight matrices: FSDP2 (DTensor parameters) is refused at construction, "
+    "DeepSpeed ZeRO's flat partitions are refused with the arguments. Under DDP the root / eigenbasis "
+    "computations are split across ranks."
+)
+register(
+    OptimizerSpec(
+        name="shampoo",
+        optimizer_cls=Shampoo,
+        config_cls=ShampooConfig,
+        hyperparameters=("lr", "weight_decay", "betas", "eps"),
+        capabilities=Capabilities(limits=_WHOLE_MATRICES),
+        summary="Blocked Shampoo with grafting (Adam/AdaGrad/RMSprop/SGD)",
+        reference="Gupta et al. 2018, arXiv:1802.09568; Shi et al. 2023, arXiv:2309.06497",
+    )
+)
+register(
+    OptimizerSpec(
+        name="soap",
+        optimizer_cls=Soap,
+        config_cls=SoapConfig,
+        hyperparameters=("lr", "weight_decay", "betas", "eps"),
+        capabilities=Capabilities(limits=_WHOLE_MATRICES),
+        summary="Adam in the eigenbasis of Shampoo's factors",
+        reference="Vyas et al. 2024, arXiv:2409.11321, Alg. 3",
     )
 )

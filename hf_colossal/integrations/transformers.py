@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 from types import ModuleType
 from typing import Any
 
@@ -56,26 +57,34 @@ def _add_enum_member(enum_cls: type, name: str, value: str) -> None:
 
 
 def _parallelism(args: Any) -> str | None:
-    """'deepspeed' or 'fsdp' when the run uses one (from the arguments or accelerate's launcher), else None."""
+    """'deepspeed', 'fsdp1' or 'fsdp2' when the run uses one (from the arguments or accelerate's launcher)."""
     if getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in _ENV_TRUE:
         return "deepspeed"
     if getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in _ENV_TRUE:
-        return "fsdp"
+        config = getattr(args, "fsdp_config", None) or {}
+        version = config.get("version") or config.get("fsdp_version") or os.environ.get("FSDP_VERSION") or 1
+        return "fsdp2" if str(version) == "2" else "fsdp1"
     return None
+
+
+_MODE_NAMES = {"deepspeed": "DeepSpeed", "fsdp1": "FSDP1 (fsdp_version 1, flat parameters)", "fsdp2": "FSDP2"}
 
 
 def check_parallelism(spec: OptimizerSpec, args: Any) -> None:
     mode = _parallelism(args)
-    supported = {"deepspeed": spec.capabilities.deepspeed, "fsdp": spec.capabilities.fsdp2}
+    supported = {"deepspeed": spec.capabilities.deepspeed, "fsdp1": False, "fsdp2": spec.capabilities.fsdp2}
     if mode is None or supported[mode]:
         return
-    capability = "deepspeed" if mode == "deepspeed" else "fsdp2"
-    alternatives = [s.name for s in _REGISTRY.values() if getattr(s.capabilities, capability)]
+    alternatives = {
+        "deepspeed": [s.name for s in _REGISTRY.values() if s.capabilities.deepspeed],
+        "fsdp1": [],
+        "fsdp2": [s.name for s in _REGISTRY.values() if s.capabilities.fsdp2],
+    }[mode]
+    fsdp2_hint = " or under FSDP2 (fsdp_config version 2)" if spec.capabilities.fsdp2 else ""
     raise OptionsError(
-        f"optim={spec.name!r} does not work under {'DeepSpeed' if mode == 'deepspeed' else 'FSDP'}: "
-        f"{spec.capabilities.limits} It works on a single device and under DDP (torchrun / accelerate launch "
-        f"without --deepspeed/--fsdp). hf_colossal optimizers that support {mode}: "
-        f"{', '.join(alternatives) or 'none yet'}."
+        f"optim={spec.name!r} does not work under {_MODE_NAMES[mode]}: {spec.capabilities.limits} It works on a "
+        f"single device and under DDP (torchrun / accelerate launch without --deepspeed/--fsdp){fsdp2_hint}. "
+        f"hf_colossal optimizers that support {_MODE_NAMES[mode]}: {', '.join(alternatives) or 'none'}."
     )
 
 
@@ -100,8 +109,26 @@ def validate_training_arguments(args: Any) -> None:
     spec.validate(config, **hyperparameters_from_args(spec, args))
 
 
-def optimizer_cls_and_kwargs(spec: OptimizerSpec, args: Any, model: Any) -> tuple[type, dict[str, Any]]:
-    """What a transformers optimizer handler returns: the class and its kwargs, with our ``params`` groups."""
+class OptimizerWithModel:
+    """Trainer's factory protocol (``factory()(model, **kwargs)``) for optimizers built with the model (K-FAC).
+
+    Returned by the handler in place of the class: Trainer pops a ``model`` kwarg given with a class and passes
+    it *instead of* the param groups (the LOMO convention), so the groups and the model can only both reach the
+    optimizer through a factory. The kwargs already hold ``params`` and ``model``.
+    """
+
+    def __init__(self, optimizer_cls: type) -> None:
+        self.optimizer_cls = optimizer_cls
+
+    def __call__(self, trainer_model: Any, **kwargs: Any) -> Any:
+        return self.optimizer_cls(**kwargs)
+
+
+def optimizer_cls_and_kwargs(spec: OptimizerSpec, args: Any, model: Any) -> tuple[Any, dict[str, Any]]:
+    """What a transformers optimizer handler returns: the class and its kwargs, with our ``params`` groups.
+
+    For an optimizer that needs the model, the kwargs also hold ``model`` and the first element is a factory
+    (:class:`OptimizerWithModel`) that Trainer calls with them."""
     config = spec.parse_options(args.optim_args)
     check_parallelism(spec, args)
     kwargs = hyperparameters_from_args(spec, args)
@@ -114,6 +141,9 @@ def optimizer_cls_and_kwargs(spec: OptimizerSpec, args: Any, model: Any) -> tupl
         kwargs["weight_decay"] = args.weight_decay
     else:
         kwargs["params"] = config.policy().groups(model, args.weight_decay)
+    if spec.capabilities.needs_model:
+        kwargs["model"] = model
+        return partial(OptimizerWithModel, spec.optimizer_cls), kwargs
     return spec.optimizer_cls, kwargs
 
 

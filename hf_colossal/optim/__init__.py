@@ -4,7 +4,9 @@ Both are ``torch.optim.Optimizer`` subclasses with a multi-tensor (``torch._fore
 functional cores are :func:`hf_colossal.optim.lamb.lamb` and :func:`hf_colossal.optim.lars.lars`.
 """
 
+from .kfac import Kfac
 from .lamb import Lamb
 from .lars import Lars
+from .shampoo import Shampoo, Soap
 
-__all__ = ["Lamb", "Lars"]
+__all__ = ["Kfac", "Lamb", "Lars", "Shampoo", "Soap"]

@@ -31,16 +31,17 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
+    import datasets
     from transformers import PreTrainedTokenizerFast
 
 __all__ = [
     "BBC_NEWS_LABELS",
     "BBC_NEWS_NUM_ARTICLES",
     "BBC_NEWS_NUM_FILES",
+    "BbcNewsSplit",
     "EMBEDDED_DATASETS",
     "ENDOFTEXT",
     "KJV_DEFAULT_EVAL_BOOKS",
@@ -48,6 +49,8 @@ __all__ = [
     "KJV_NUM_VERSES",
     "MissingEmbeddedPackage",
     "kjv_book_names",
+    "bbc_news_split",
+    "digits_arrays",
     "load_bbc_news",
     "load_digits_dataset",
     "load_embedded_dataset",
@@ -277,6 +280,39 @@ def _read_bbc_corpus() -> _BBCCorpus:
     )
 
 
+@dataclass(frozen=True)
+class BbcNewsSplit:
+    """The BBC News split as plain lists (no ``datasets``): texts and label ids per split, label names."""
+
+    train_texts: list[str]
+    train_labels: list[int]
+    eval_texts: list[str]
+    eval_labels: list[int]
+    label_names: tuple[str, ...]
+
+
+def bbc_news_split(*, eval_size: int = 445, seed: int = 0) -> BbcNewsSplit:
+    """The split :func:`load_bbc_news` returns, as plain Python lists (for images without ``datasets``)."""
+    corpus = _read_bbc_corpus()
+    n, k = len(corpus.texts), len(corpus.label_names)
+    if isinstance(eval_size, bool) or not isinstance(eval_size, (int, np.integer)):
+        raise ValueError(f"eval_size must be an int number of articles, got {eval_size!r}")
+    if not k <= eval_size <= n - k:
+        raise ValueError(
+            f"eval_size must be between {k} and {n - k} (there are {n} articles in {k} labels), "
+            f"got {eval_size}"
+        )
+    _check_seed(seed)
+    label_of = {name: i for i, name in enumerate(corpus.label_names)}
+    labels = np.array([label_of[t] for t in corpus.topics])
+    train_idx, eval_idx = _stratified_split(labels, int(eval_size), int(seed))
+    return BbcNewsSplit(
+        train_texts=[corpus.texts[i] for i in train_idx], train_labels=labels[train_idx].tolist(),
+        eval_texts=[corpus.texts[i] for i in eval_idx], eval_labels=labels[eval_idx].tolist(),
+        label_names=corpus.label_names,
+    )
+
+
 def load_bbc_news(*, eval_size: int = 445, seed: int = 0) -> datasets.DatasetDict:
     """BBC News topic classification, split stratified into ``train`` and ``eval``.
 
@@ -305,24 +341,14 @@ def load_bbc_news(*, eval_size: int = 445, seed: int = 0) -> datasets.DatasetDic
             is within one article of ``eval_size * label_share``.
         seed: seed of the split; the same seed gives the same split.
     """
-    corpus = _read_bbc_corpus()
-    n, k = len(corpus.texts), len(corpus.label_names)
-    if isinstance(eval_size, bool) or not isinstance(eval_size, (int, np.integer)):
-        raise ValueError(f"eval_size must be an int number of articles, got {eval_size!r}")
-    if not k <= eval_size <= n - k:
-        raise ValueError(
-            f"eval_size must be between {k} and {n - k} (there are {n} articles in {k} labels), "
-            f"got {eval_size}"
-        )
-    _check_seed(seed)
-    label_of = {name: i for i, name in enumerate(corpus.label_names)}
-    labels = np.array([label_of[t] for t in corpus.topics])
-    train_idx, eval_idx = _stratified_split(labels, int(eval_size), int(seed))
+    import datasets
+
+    split = bbc_news_split(eval_size=eval_size, seed=seed)
     features = datasets.Features(
-        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=list(corpus.label_names))}
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=list(split.label_names))}
     )
 
-    def build(idx: np.ndarray) -> datasets.Dataset:
+    def build(texts: list[str], labels: list[int]) -> datasets.Dataset:
         info = datasets.DatasetInfo(
             features=features,
             description="BBC News articles (Greene & Cunningham 2006), five topics, de-duplicated.",
@@ -330,13 +356,11 @@ def load_bbc_news(*, eval_size: int = 445, seed: int = 0) -> datasets.DatasetDic
             homepage="http://mlg.ucd.ie/datasets/bbc.html",
             license="For non-commercial research use (dataset authors' terms).",
         )
-        return datasets.Dataset.from_dict(
-            {"text": [corpus.texts[i] for i in idx], "label": labels[idx].tolist()},
-            features=features,
-            info=info,
-        )
+        return datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features, info=info)
 
-    return datasets.DatasetDict({"train": build(train_idx), "eval": build(eval_idx)})
+    return datasets.DatasetDict(
+        {"train": build(split.train_texts, split.train_labels), "eval": build(split.eval_texts, split.eval_labels)}
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -450,6 +474,8 @@ def load_kjv(
             verse goes to ``eval``; unknown names raise ValueError listing the valid names.
         unit: ``"chapter"`` or ``"verse"``.
     """
+    import datasets
+
     if unit not in ("chapter", "verse"):
         raise ValueError(f'unit must be "chapter" or "verse", got {unit!r}')
     corpus = _read_kjv_corpus()
@@ -574,21 +600,9 @@ def unigram_cross_entropy(
 # --------------------------------------------------------------------------------------
 
 
-def load_digits_dataset(*, eval_size: float = 0.2, seed: int = 0) -> datasets.DatasetDict:
-    """The UCI optical handwritten digits, 8x8 images, split stratified into ``train``/``eval``.
-
-    Data: ``sklearn.datasets.load_digits`` (bundled with scikit-learn, no download): 1,797
-    images of 8x8 pixels with 17 grey levels (0-16), 10 classes of about 180 each; UCI ML
-    repository (Alpaydin & Kaynak 1998), CC BY 4.0.
-
-    Columns: ``pixel_values`` (64 float32 values, row-major, scaled to [0, 1] by /16) and
-    ``label`` (``ClassLabel`` with names "0".."9").
-
-    Args:
-        eval_size: fraction in (0, 1) of the images in ``eval`` (default 0.2 -> 360 images), or
-            an int count from 10 to 1,787.
-        seed: seed of the split.
-    """
+def digits_arrays(*, eval_size: float = 0.2, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The split :func:`load_digits_dataset` returns as ``{"train": (pixels, labels), "eval": ...}`` numpy
+    arrays (pixels float32 (n, 64) in [0, 1], labels int64), without ``datasets``."""
     sk_datasets = require_package("sklearn.datasets", "scikit-learn", needed_for="the digits dataset")
     digits = sk_datasets.load_digits()
     n, k = len(digits.target), 10
@@ -608,6 +622,27 @@ def load_digits_dataset(*, eval_size: float = 0.2, seed: int = 0) -> datasets.Da
     _check_seed(seed)
     pixels = (digits.data / 16.0).astype(np.float32)
     train_idx, eval_idx = _stratified_split(digits.target, n_eval, int(seed))
+    return {"train": (pixels[train_idx], digits.target[train_idx]), "eval": (pixels[eval_idx], digits.target[eval_idx])}
+
+
+def load_digits_dataset(*, eval_size: float = 0.2, seed: int = 0) -> datasets.DatasetDict:
+    """The UCI optical handwritten digits, 8x8 images, split stratified into ``train``/``eval``.
+
+    Data: ``sklearn.datasets.load_digits`` (bundled with scikit-learn, no download): 1,797
+    images of 8x8 pixels with 17 grey levels (0-16), 10 classes of about 180 each; UCI ML
+    repository (Alpaydin & Kaynak 1998), CC BY 4.0.
+
+    Columns: ``pixel_values`` (64 float32 values, row-major, scaled to [0, 1] by /16) and
+    ``label`` (``ClassLabel`` with names "0".."9").
+
+    Args:
+        eval_size: fraction in (0, 1) of the images in ``eval`` (default 0.2 -> 360 images), or
+            an int count from 10 to 1,787.
+        seed: seed of the split.
+    """
+    import datasets
+
+    arrays = digits_arrays(eval_size=eval_size, seed=seed)
     list_feature = getattr(datasets, "List", None) or datasets.Sequence  # datasets < 4 lacks List
     features = datasets.Features(
         {
@@ -616,9 +651,9 @@ def load_digits_dataset(*, eval_size: float = 0.2, seed: int = 0) -> datasets.Da
         }
     )
 
-    def build(idx: np.ndarray) -> datasets.Dataset:
+    def build(pixels: np.ndarray, labels: np.ndarray) -> datasets.Dataset:
         return datasets.Dataset.from_dict(
-            {"pixel_values": pixels[idx].tolist(), "label": digits.target[idx].tolist()},
+            {"pixel_values": pixels.tolist(), "label": labels.tolist()},
             features=features,
             info=datasets.DatasetInfo(
                 features=features,
@@ -628,7 +663,7 @@ def load_digits_dataset(*, eval_size: float = 0.2, seed: int = 0) -> datasets.Da
             ),
         )
 
-    return datasets.DatasetDict({"train": build(train_idx), "eval": build(eval_idx)})
+    return datasets.DatasetDict({"train": build(*arrays["train"]), "eval": build(*arrays["eval"])})
 
 
 # --------------------------------------------------------------------------------------

@@ -39,11 +39,16 @@ def test_bad_optim_args_fail_when_the_arguments_are_built():
 def test_deepspeed_and_fsdp_are_refused_with_the_reason(monkeypatch):
     args = TrainingArguments("out", optim="lamb", report_to="none")
     args.deepspeed = "ds_config.json"
-    with pytest.raises(OptionsError, match="does not work under DeepSpeed: DeepSpeed ZeRO hands the optimizer flat"):
+    with pytest.raises(OptionsError, match="does not work under DeepSpeed: DeepSpeed ZeRO and FSDP1 hand the optimizer flat"):
         validate_training_arguments(args)
     args.deepspeed = None
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(OptionsError, match="does not work under FSDP"):
+    with pytest.raises(OptionsError, match=r"does not work under FSDP1 .* or under FSDP2 \(fsdp_config version 2\)"):
+        validate_training_arguments(args)
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    validate_training_arguments(args)  # FSDP2: whole-parameter norms across shards
+    args.optim = "kfac"
+    with pytest.raises(OptionsError, match="optim='kfac' does not work under FSDP2: K-FAC hooks each layer"):
         validate_training_arguments(args)
 
 

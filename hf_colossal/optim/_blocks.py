@@ -1,0 +1,112 @@
+"""Blocking for Shampoo-type optimizers: merge small dimensions, cut matrices into blocks, stack equal blocks.
+
+A parameter is preconditioned as a matrix: its dimensions of size 1 are dropped and neighbouring dimensions are
+merged while their product stays within ``max_preconditioner_dim`` (Shi et al. 2023, "A Distributed Data-Parallel
+PyTorch Implementation of the Distributed Shampoo Optimizer", arXiv:2309.06497, Sec. 3.1, ``merge_small_dims``).
+What remains of order >= 3 is viewed as the matrix (first merged dimension, product of the others). The matrix is
+cut into blocks of at most ``max_preconditioner_dim`` rows and columns (Sec. 3.1, blocking; Anil et al. 2020,
+"Scalable Second Order Optimization for Deep Learning", arXiv:2002.09018, Sec. 3.3). A parameter of order 1 after
+merging has no matrix view: it takes the elementwise (diagonal) path.
+
+Blocks of equal shape from every parameter of a param group are stacked into one ``(n, rows, cols)`` tensor per
+shape (a :class:`BlockBucket`), so one batched ``bmm`` / ``eigh`` serves them all. The per-parameter optimizer
+state holds, for each block key, a list with one tensor per block of the parameter; while a bucket is in use
+those tensors are views of its stacked tensors, and a bucket is rebuilt from them (one copy) when it is created.
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+from torch import Tensor
+
+BlockSlices = tuple[slice, slice]
+
+
+def merge_small_dims(shape: tuple[int, ...], max_dim: int) -> tuple[int, ...]:
+    """Drop size-1 dimensions, then merge neighbours from the left while their product is ``<= max_dim``.
+
+    ``(64, 3, 3, 3)`` with 1024 gives ``(576, 3)``; ``(1, 1)`` gives ``(1,)``. A tensor of order >= 2 (after
+    dropping size-1 dimensions) stays of order >= 2: ``(16, 32)`` stays ``(16, 32)``, since a vector would lose
+    its Kronecker-factored preconditioner to the diagonal path.
+    """
+    squeezed = [size for size in shape if size != 1] or [1]
+    merged = [squeezed[0]]
+    for size in squeezed[1:]:
+        if merged[-1] * size <= max_dim:
+            merged[-1] *= size
+        else:
+            merged.append(size)
+    if len(merged) == 1 and len(squeezed) > 1:
+        return math.prod(squeezed[:-1]), squeezed[-1]
+    return tuple(merged)
+
+
+def matrix_shape(shape: tuple[int, ...], max_dim: int) -> tuple[int, int] | None:
+    """The ``(rows, cols)`` matrix a parameter of ``shape`` is preconditioned as, or None for the diagonal path."""
+    merged = merge_small_dims(tuple(shape), max_dim)
+    if len(merged) == 1:
+        return None
+    return merged[0], math.prod(merged[1:])
+
+
+def block_slices(rows: int, cols: int, max_dim: int) -> list[BlockSlices]:
+    """Row-major ``(row slice, column slice)`` of the blocks of a ``rows x cols`` matrix, each at most
+    ``max_dim x max_dim`` (the last block of a dimension holds the remainder)."""
+    return [
+        (slice(r, min(r + max_dim, rows)), slice(c, min(c + max_dim, cols)))
+        for r in range(0, rows, max_dim)
+        for c in range(0, cols, max_dim)
+    ]
+
+
+def block_shape(slices: BlockSlices) -> tuple[int, int]:
+    rows, cols = slices
+    return rows.stop - rows.start, cols.stop - cols.start
+
+
+class BlockBucket:
+    """Every block of one shape (and one step count) of a param group, stacked along a leading dimension.
+
+    ``entries`` lists ``(param, its matrix shape, block index within the param, block slices)``; ``stacks[key]``
+    is the ``(n, ...)`` tensor whose ``i``-th entry is the state ``key`` of block ``entries[i]``. Building a bucket
+    copies the per-parameter block tensors into the stacks once and makes the per-parameter lists views of them,
+    so the state dict always shows the live values and a bucket can be rebuilt from it (after loading, or when
+    the set of parameters with gradients changes).
+    """
+
+    def __init__(
+        self,
+        group_index: int,
+        step: int,
+        shape: tuple[int, int],
+        entries: list[tuple[Tensor, tuple[int, int], int, BlockSlices]],
+        state: dict[Tensor, dict],
+        keys: tuple[str, ...],
+    ) -> None:
+        self.group_index = group_index
+        self.step = step
+        self.shape = shape
+        self.entries = entries
+        self.stacks: dict[str, Tensor] = {}
+        for key in keys:
+            stack = torch.stack([state[param][key][index] for param, _, index, _ in entries])
+            for i, (param, _, index, _) in enumerate(entries):
+                state[param][key][index] = stack[i]
+            self.stacks[key] = stack
+        #: Views of the parameters' blocks, through which the update is written (the parameters' storage is fixed).
+        self.param_blocks = [param.view(matrix)[rows, cols] for param, matrix, _, (rows, cols) in entries]
+        first = entries[0][0]
+        self.math_dtype = torch.float32 if first.dtype in (torch.float16, torch.bfloat16) else first.dtype
+        self._gathered = torch.empty((len(entries), *shape), dtype=self.math_dtype, device=first.device)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def gather_grads(self) -> Tensor:
+        """The gradient of every block, stacked into the persistent ``(n, rows, cols)`` buffer in the math dtype
+        (one ``torch.stack`` per bucket)."""
+        views = [param.grad.reshape(matrix)[rows, cols] for param, matrix, _, (rows, cols) in self.entries]
+        if views[0].dtype == self.math_dtype:
+            return torch.stack(views, out=self._gathered)
+        return self._gathered.copy_(torch.stack(views))

@@ -1,0 +1,954 @@
+r"""K-FAC: Kronecker-factored natural-gradient steps for the layers of a model, in pure torch.
+
+References (equation numbers cite the papers):
+
+- Martens & Grosse 2015, "Optimizing Neural Networks with Kronecker-factored Approximate Curvature",
+  arXiv:1503.05671 — the Fisher block of a layer :math:`F \approx A \otimes G` with
+  :math:`A = E[\bar a \bar a^\top]` (inputs with a homogeneous coordinate for the bias, Sec. 3) and
+  :math:`G = E[g g^\top]` (per-example gradients of the layer's outputs), eq. (1)-(3); its inverse applied as
+  :math:`G^{-1} \nabla_W A^{-1}` (Sec. 4.2); factored Tikhonov damping with the :math:`\pi` correction
+  (Sec. 6.3); exponential moving averages of the factors (Sec. 5).
+- Grosse & Martens 2016, "A Kronecker-factored approximate Fisher matrix for convolution layers" (KFC),
+  arXiv:1602.01407 — convolutions: patches as inputs, spatial locations as independent (Sec. 3.1, eq. 22-23).
+- Eschenhagen, Immer, Turner, Schneider, Hennig 2023, "Kronecker-Factored Approximate Curvature for Modern Neural
+  Network Architectures", arXiv:2311.00636 — layers with weight sharing over a dimension of size R (sequence,
+  spatial): K-FAC-expand (every shared position an example, eq. 11) and K-FAC-reduce (positions summed first,
+  eq. 13).
+- Ba, Grosse, Martens 2017, "Distributed second-order optimization using Kronecker-factored approximations",
+  ICLR — KL clipping of the preconditioned step (Sec. 5); Pauloski, Huang, Xu, Chard, Foster, Zhang 2021,
+  "KAISA: An Adaptive Second-Order Optimizer Framework for Deep Neural Networks", SC'21 — data parallelism:
+  factors all-reduced on update steps, the inverse work split across ranks (Sec. 3).
+
+The module has two halves: functional math (factor statistics, damping, inverses and eigendecompositions,
+preconditioning, KL clipping, the base rules) that operates on tensors, and the glue that attaches it to a
+model (:class:`KfacLayer` and its kinds, hooks) and to ``torch.optim`` (:class:`Kfac`).
+
+Scaling convention. For a layer with output :math:`s`, the per-example gradient of a loss that is the mean
+over the :math:`N` examples of a batch is :math:`N \partial L / \partial s`. With shared positions
+:math:`r = 1..R`:
+
+- expand: :math:`A = \frac{1}{NR} \sum_{n,r} a_{nr} a_{nr}^\top`,
+  :math:`G = \frac{1}{N} \sum_{n,r} g_{nr} g_{nr}^\top`;
+- reduce: :math:`A = \frac{1}{N} \sum_n \tilde a_n \tilde a_n^\top` with :math:`\tilde a_n = \frac1R \sum_r a_{nr}`,
+  :math:`G = \frac{1}{N} \sum_n \tilde g_n \tilde g_n^\top` with :math:`\tilde g_n = \sum_r g_{nr}`.
+
+Gradient accumulation (micro-batch losses divided by their number, as Trainer does) gives the factors of the
+whole batch, and under data parallelism the rank averages give those of the global batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from contextlib import ExitStack, contextmanager
+from functools import partial
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.optim import Optimizer
+from torch.optim.optimizer import ParamsT
+
+from ._foreach import (
+    NONFINITE_POLICIES,
+    ParamGroup,
+    device_skip_counter,
+    foreach_norms,
+    is_real,
+    math_dtype,
+    params_with_grads,
+    require,
+    restore_state_precision,
+    stack_on_one_device,
+)
+
+__all__ = ["Kfac", "KfacLayer", "find_kfac_layers"]
+
+logger = logging.getLogger(__name__)
+
+BASE_RULES = ("adam_graft", "adam", "sgd")
+METHODS = ("inverse", "eigen")
+APPROXIMATIONS = ("expand", "reduce")
+EMBEDDING_MODES = ("diagonal", "skip")
+MATMUL_PRECISIONS = ("high", "highest")
+#: Elements per collective when factors or inverses travel between ranks (256 MiB of fp32).
+COMM_BUCKET_NUMEL = 64 * 2**20
+
+# ---------------------------------------------------------------------------------------------------------------
+# Functional math: factor statistics
+
+
+def with_homogeneous_coordinate(rows: Tensor) -> Tensor:
+    """Append a column of ones (the bias's input, Martens & Grosse 2015 Sec. 3: :math:`\\bar a = [a; 1]`)."""
+    return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+
+
+def expand_rows(x: Tensor) -> Tensor:
+    """``(N, *shared, d)`` to ``(N * R, d)``: every shared position an example (K-FAC-expand)."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def reduce_rows(x: Tensor, *, mean: bool) -> Tensor:
+    """``(N, *shared, d)`` to ``(N, d)`` by the mean (inputs) or sum (output gradients) over the shared
+    positions (K-FAC-reduce, Eschenhagen et al. 2023 eq. 13)."""
+    x = x.reshape(x.shape[0], -1, x.shape[-1])
+    return x.mean(dim=1) if mean else x.sum(dim=1)
+
+
+def conv2d_patches(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """The input patches of a 2-D convolution as ``(N, L, C_in * kh * kw)`` (Grosse & Martens 2016, Sec. 3.1:
+    the expansion :math:`[[A]]` of the input)."""
+    patches = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    return patches.transpose(1, 2)
+
+
+def gram(rows: Tensor) -> Tensor:
+    """:math:`X^\\top X` in fp32 or wider (bf16/fp16 activations under autocast are widened first)."""
+    rows = rows.to(math_dtype(rows.dtype))
+    return rows.T @ rows
+
+
+def input_factor(sum_of_outer_products: Tensor, rows: int) -> Tensor:
+    """:math:`A` from the accumulated :math:`\\sum a a^\\top` over ``rows`` rows (expand: N*R, reduce: N)."""
+    return sum_of_outer_products / rows
+
+
+def output_grad_factor(sum_of_outer_products: Tensor, examples: int) -> Tensor:
+    """:math:`G` from the accumulated :math:`\\sum \\delta \\delta^\\top` of the backpropagated output gradients
+    :math:`\\delta = \\partial L / \\partial s` of a mean loss over ``examples`` examples.
+
+    The per-example gradients are :math:`g = N \\delta`, so :math:`\\frac1N \\sum g g^\\top = N \\sum \\delta
+    \\delta^\\top` (Martens & Grosse 2015 eq. (2), the expectation over the examples of the batch)."""
+    return sum_of_outer_products * examples
+
+
+def update_factor_(factor: Tensor, new: Tensor, decay: float, finite: Tensor) -> None:
+    """``factor <- decay * factor + (1 - decay) * new`` (Martens & Grosse 2015 Sec. 5), in place, unless
+    ``finite`` (a 0-d bool tensor) is False: then ``factor`` keeps its value. No host synchronisation."""
+    factor.lerp_(torch.where(finite, new, factor), 1.0 - decay)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Functional math: damping, inverses, preconditioning, KL clipping
+
+
+def factored_damping(a_factor: Tensor, g_factor: Tensor, damping: float, pi_correction: bool) -> tuple[Tensor, Tensor]:
+    r"""The Tikhonov terms :math:`(\pi \sqrt\lambda, \sqrt\lambda / \pi)` added to :math:`A` and :math:`G`.
+
+    Martens & Grosse 2015 Sec. 6.3: :math:`\pi = \sqrt{(\mathrm{tr}(A)/d_A) / (\mathrm{tr}(G)/d_G)}` (1 without
+    ``pi_correction``, or where a trace is not positive). A 1-D ``a_factor`` is a diagonal factor. Returns 0-d
+    tensors; no host synchronisation.
+    """
+    root = math.sqrt(damping)
+    if not pi_correction:
+        one = torch.ones((), dtype=torch.float32, device=g_factor.device)
+        return one * root, one * root
+    a_mean = (a_factor.sum() if a_factor.dim() == 1 else a_factor.diagonal().sum()) / a_factor.shape[0]
+    g_mean = g_factor.diagonal().sum() / g_factor.shape[0]
+    usable = (a_mean > 0) & (g_mean > 0)
+    pi = torch.where(usable, (a_mean / g_mean.clamp_min(torch.finfo(g_mean.dtype).tiny)).sqrt(), 1.0)
+    return pi * root, root / pi
+
+
+def damped_inverses(factors: Tensor, damping: Tensor) -> Tensor:
+    """:math:`(F_i + \\gamma_i I)^{-1}` for a stack ``(B, n, n)`` of factors and ``(B,)`` damping terms.
+
+    The damped factors are symmetric positive definite: one batched Cholesky (``cholesky_ex``: no host
+    synchronisation for the error check) and ``cholesky_inverse``. (Batched LU, ``inv_ex``, fails on the CPU
+    with MKL and more than one thread in torch 2.13.)"""
+    eye = torch.eye(factors.shape[-1], dtype=factors.dtype, device=factors.device)
+    cholesky, _ = torch.linalg.cholesky_ex(factors + damping[:, None, None] * eye)
+    return torch.cholesky_inverse(cholesky)
+
+
+def damped_eigens(factors: Tensor, damping: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvectors :math:`Q_i` and :math:`1 / (d_i + \\gamma_i)` of a stack of symmetric factors: then
+    :math:`(F_i + \\gamma_i I)^{-1} = Q_i \\,\\mathrm{diag}(1/(d_i+\\gamma_i))\\, Q_i^\\top`. One batched ``eigh``."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(factors)
+    return eigenvectors, 1.0 / (eigenvalues.clamp_min(0.0) + damping[:, None])
+
+
+def precondition(grad: Tensor, g_inverse: Any, a_inverse: Any) -> Tensor:
+    r""":math:`(G+\gamma_G I)^{-1} \, \nabla_W \, (A+\gamma_A I)^{-1}` (Martens & Grosse 2015 Sec. 4.2).
+
+    ``grad`` is ``(d_G, d_A)``. Each inverse is a matrix, a 1-D diagonal (an embedding's :math:`A`), or a pair
+    ``(Q, s)`` of eigenvectors and inverted damped eigenvalues (the eigen method).
+    """
+
+    def left(x: Tensor, inverse: Any) -> Tensor:
+        if isinstance(inverse, tuple):
+            q, s = inverse
+            return q @ (s[:, None] * (q.T @ x))
+        return inverse @ x
+
+    def right(x: Tensor, inverse: Any) -> Tensor:
+        if isinstance(inverse, tuple):
+            q, s = inverse
+            return ((x @ q) * s[None, :]) @ q.T
+        if inverse.dim() == 1:
+            return x * inverse[None, :]
+        return x @ inverse
+
+    return right(left(grad, g_inverse), a_inverse)
+
+
+def kl_clip_scale(step_inner_products: list[Tensor], kl_clip: float) -> Tensor:
+    r""":math:`\nu = \min(1, \sqrt{\kappa / |\sum_l \eta_l^2 \langle \tilde g_l, g_l \rangle|})` (Ba et al. 2017
+    Sec. 5, KAISA): the scale that bounds the step's predicted change of the model's output distribution.
+
+    ``step_inner_products`` are the terms :math:`\eta_l^2 \langle \tilde g_l, g_l\rangle` per layer (0-d tensors).
+    1 when the sum is 0. No host synchronisation."""
+    total = stack_on_one_device(step_inner_products).sum().abs()
+    return torch.where(total > 0, (kl_clip / total.clamp_min(torch.finfo(total.dtype).tiny)).sqrt(), 1.0).clamp(
+        max=1.0
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Functional math: the base rules (masked: a 0-d ``apply`` of 0.0 leaves parameters and state untouched)
+
+
+def sgd_momentum(
+    params: list[Tensor], directions: list[Tensor], buffers: list[Tensor], *, lr: float, momentum: float,
+    weight_decay: float, apply: Tensor,
+) -> None:
+    """Heavy-ball SGD on the (preconditioned) directions, L2 weight decay added after preconditioning (as KAISA
+    with torch SGD): ``d += wd * p; b = momentum * b + d; p -= lr * b``. ``directions`` are overwritten."""
+    updates = torch._foreach_add(directions, params, alpha=weight_decay)
+    torch._foreach_mul_(updates, apply)
+    torch._foreach_mul_(buffers, 1.0 - (1.0 - momentum) * apply)
+    torch._foreach_add_(buffers, updates)
+    torch._foreach_add_(params, torch._foreach_mul(buffers, -lr * apply))
+
+
+def adam_direction(
+    grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], steps: list[Tensor], *, beta1: float,
+    beta2: float, eps: float, apply: Tensor,
+) -> list[Tensor]:
+    """Advance Adam's moments and steps by ``grads`` (where ``apply``) and return the bias-corrected direction
+    :math:`\\hat m / (\\sqrt{\\hat v} + \\epsilon)` (Kingma & Ba 2015, Algorithm 1)."""
+    torch._foreach_add_(steps, apply)
+    torch._foreach_lerp_(exp_avgs, grads, (1.0 - beta1) * apply)
+    torch._foreach_lerp_(exp_avg_sqs, torch._foreach_mul(grads, grads), (1.0 - beta2) * apply)
+    counts = torch._foreach_maximum(steps, 1.0)  # a skipped first step leaves 0: no 0/0
+    bias1, bias2 = torch._foreach_pow(beta1, counts), torch._foreach_pow(beta2, counts)
+    for corrections in (bias1, bias2):  # 1 - beta^t
+        torch._foreach_neg_(corrections)
+        torch._foreach_add_(corrections, 1.0)
+    torch._foreach_sqrt_(bias2)
+    denominators = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denominators, bias2)
+    torch._foreach_add_(denominators, eps)
+    directions = list(torch._foreach_div(exp_avgs, denominators))
+    torch._foreach_div_(directions, bias1)
+    return directions
+
+
+def graft_norms(directions: list[Tensor], magnitudes: list[Tensor]) -> list[Tensor]:
+    """Each direction rescaled to the L2 norm of the matching magnitude tensor (layer-wise grafting, Agarwal et al.
+    2020, "Disentangling Adaptive Gradient Methods from Learning Rates"); a zero direction stays zero."""
+    direction_norms = foreach_norms(directions)
+    target_norms = foreach_norms(magnitudes)
+    scales = [torch.where(d > 0, t / d.clamp_min(torch.finfo(d.dtype).tiny), 0.0) for d, t in
+              zip(direction_norms, target_norms)]
+    return list(torch._foreach_mul(directions, scales))
+
+
+def decoupled_update(params: list[Tensor], updates: list[Tensor], *, lr: float, weight_decay: float,
+                     apply: Tensor) -> None:
+    """``p -= lr * (u + wd * p)`` where ``apply`` (decoupled weight decay, Loshchilov & Hutter 2019)."""
+    if weight_decay:
+        torch._foreach_add_(updates, params, alpha=weight_decay)
+    torch._foreach_mul_(updates, -lr * apply)
+    torch._foreach_add_(params, updates)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layers: how each module kind gives its rows and its gradient matrix
+
+
+class KfacLayer:
+    """A module preconditioned by K-FAC: its weight (and bias) as a ``(d_G, d_A)`` matrix, and the statistics of
+    its inputs and output gradients accumulated between factor updates.
+
+    Subclasses give ``activation_rows`` (rows of :math:`\\bar a`, or token counts for a diagonal :math:`A`),
+    ``output_grad_rows`` and the gradient matrix's layout.
+    """
+
+    kind = ""
+    diagonal_input_factor = False
+
+    def __init__(self, name: str, module: nn.Module, approximation: str) -> None:
+        self.name = name
+        self.module = module
+        self.approximation = approximation
+        self.weight: nn.Parameter = module.weight
+        self.bias: nn.Parameter | None = getattr(module, "bias", None)
+        self.reset_statistics()
+
+    # statistics accumulated by the hooks
+    def reset_statistics(self) -> None:
+        self.input_sum: Tensor | None = None
+        self.input_rows = 0
+        self.output_grad_sum: Tensor | None = None
+        self.output_grad_examples = 0
+
+    def accumulate_input(self, x: Tensor) -> None:
+        rows, count = self.activation_rows(x)
+        contribution = rows if self.diagonal_input_factor else gram(rows)
+        self.input_sum = contribution if self.input_sum is None else self.input_sum + contribution
+        self.input_rows += count
+
+    def accumulate_output_grad(self, grad_output: Tensor) -> None:
+        contribution = gram(self.output_grad_rows(grad_output))
+        self.output_grad_sum = contribution if self.output_grad_sum is None else self.output_grad_sum + contribution
+        self.output_grad_examples += grad_output.shape[0]
+
+    def shared_rows(self, x: Tensor, *, mean: bool) -> Tensor:
+        return expand_rows(x) if self.approximation == "expand" else reduce_rows(x, mean=mean)
+
+    # layout
+    @property
+    def params(self) -> list[Tensor]:
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+    @property
+    def factor_dims(self) -> tuple[int, int]:
+        """``(d_A, d_G)``."""
+        raise NotImplementedError
+
+    def activation_rows(self, x: Tensor) -> tuple[Tensor, int]:
+        raise NotImplementedError
+
+    def output_grad_rows(self, grad_output: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def weight_matrix(self, weight_like: Tensor) -> Tensor:
+        """A weight-shaped tensor as ``(d_G, d_A without bias)``."""
+        raise NotImplementedError
+
+    def weight_from_matrix(self, matrix: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def grad_matrix(self) -> Tensor:
+        """The gradient as one ``(d_G, d_A)`` fp32 matrix, the bias's as the last column."""
+        weight = self.weight_matrix(self.weight.grad).to(math_dtype(self.weight.dtype))
+        if self.bias is None:
+            return weight
+        return torch.cat([weight, self.bias.grad.to(weight.dtype)[:, None]], dim=1)
+
+    def split(self, matrix: Tensor) -> list[Tensor]:
+        """A ``(d_G, d_A)`` matrix back into tensors shaped like :attr:`params`."""
+        if self.bias is None:
+            return [self.weight_from_matrix(matrix)]
+        return [self.weight_from_matrix(matrix[:, :-1]), matrix[:, -1].contiguous()]
+
+
+class LinearLayer(KfacLayer):
+    """``nn.Linear`` (weight ``(out, in)``) or GPT-2's ``Conv1D`` (weight ``(in, out)``, ``transposed``)."""
+
+    kind = "linear"
+
+    def __init__(self, name: str, module: nn.Module, approximation: str, *, transposed: bool) -> None:
+        self.transposed = transposed
+        super().__init__(name, module, approximation)
+
+    @property
+    def factor_dims(self) -> tuple[int, int]:
+        fan_in, fan_out = self.weight.shape if self.transposed else self.weight.shape[::-1]
+        return fan_in + (self.bias is not None), fan_out
+
+    def activation_rows(self, x: Tensor) -> tuple[Tensor, int]:
+        rows = self.shared_rows(x, mean=True)
+        if self.bias is not None:
+            rows = with_homogeneous_coordinate(rows)
+        return rows, rows.shape[0]
+
+    def output_grad_rows(self, grad_output: Tensor) -> Tensor:
+        return self.shared_rows(grad_output, mean=False)
+
+    def weight_matrix(self, weight_like: Tensor) -> Tensor:
+        return weight_like.T if self.transposed else weight_like
+
+    def weight_from_matrix(self, matrix: Tensor) -> Tensor:
+        return (matrix.T if self.transposed else matrix).contiguous()
+
+
+class Conv2dLayer(KfacLayer):
+    """``nn.Conv2d`` (groups 1, zero padding): KFC (Grosse & Martens 2016) — patches are the inputs, spatial
+    locations the shared positions (expand: KFC's independence assumption; reduce: Eschenhagen et al. 2023)."""
+
+    kind = "conv2d"
+
+    @property
+    def factor_dims(self) -> tuple[int, int]:
+        out_channels = self.weight.shape[0]
+        return self.weight[0].numel() + (self.bias is not None), out_channels
+
+    def activation_rows(self, x: Tensor) -> tuple[Tensor, int]:
+        rows = self.shared_rows(conv2d_patches(x, self.module), mean=True)
+        if self.bias is not None:
+            rows = with_homogeneous_coordinate(rows)
+        return rows, rows.shape[0]
+
+    def output_grad_rows(self, grad_output: Tensor) -> Tensor:
+        return self.shared_rows(grad_output.flatten(2).transpose(1, 2), mean=False)
+
+    def weight_matrix(self, weight_like: Tensor) -> Tensor:
+        return weight_like.reshape(weight_like.shape[0], -1)
+
+    def weight_from_matrix(self, matrix: Tensor) -> Tensor:
+        return matrix.reshape(self.weight.shape).contiguous()
+
+
+class EmbeddingLayer(KfacLayer):
+    """``nn.Embedding`` (weight ``(V, d)``): one-hot inputs make :math:`A` diagonal, the token frequencies per
+    position (expand). A full :math:`V \\times V` factor is never formed."""
+
+    kind = "embedding"
+    diagonal_input_factor = True
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        super().__init__(name, module, "expand")
+
+    @property
+    def factor_dims(self) -> tuple[int, int]:
+        return self.weight.shape[0], self.weight.shape[1]
+
+    def activation_rows(self, ids: Tensor) -> tuple[Tensor, int]:
+        counts = torch.bincount(ids.reshape(-1), minlength=self.weight.shape[0]).to(math_dtype(self.weight.dtype))
+        return counts, ids.numel()
+
+    def output_grad_rows(self, grad_output: Tensor) -> Tensor:
+        return expand_rows(grad_output)
+
+    def weight_matrix(self, weight_like: Tensor) -> Tensor:
+        return weight_like.T
+
+    def weight_from_matrix(self, matrix: Tensor) -> Tensor:
+        return matrix.T.contiguous()
+
+
+def is_gpt2_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2) by duck type: ``nf`` output features and a weight ``(in, nf)``."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
+            and isinstance(weight, Tensor) and weight.dim() == 2 and weight.shape[1] == module.nf)
+
+
+def make_layer(name: str, module: nn.Module, *, linear_approximation: str, conv2d_approximation: str,
+               embedding: str) -> KfacLayer | str:
+    """The :class:`KfacLayer` for ``module``, or the reason it is left to the base rule."""
+    if isinstance(module, nn.Linear):
+        return LinearLayer(name, module, linear_approximation, transposed=False)
+    if is_gpt2_conv1d(module):
+        return LinearLayer(name, module, linear_approximation, transposed=True)
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
+            return "Conv2d with groups > 1, non-zero padding mode or string padding"
+        return Conv2dLayer(name, module, conv2d_approximation)
+    if isinstance(module, nn.Embedding):
+        if embedding == "skip":
+            return "embedding=skip"
+        if module.sparse or module.scale_grad_by_freq:
+            return "sparse or scale_grad_by_freq embedding"
+        return EmbeddingLayer(name, module)
+    return f"no K-FAC rule for {type(module).__name__}"
+
+
+def find_kfac_layers(
+    model: nn.Module, optimized: set[int], *, skip_layers: tuple[str, ...] = (), max_factor_dim: int = 8192,
+    linear_approximation: str = "expand", conv2d_approximation: str = "expand", embedding: str = "diagonal",
+) -> tuple[list[KfacLayer], dict[str, str]]:
+    """The layers of ``model`` K-FAC preconditions, and ``{module name: reason}`` for those with parameters it
+    leaves to the base rule. ``optimized`` holds the ``id`` of every parameter the optimizer updates."""
+    layers: list[KfacLayer] = []
+    fallback: dict[str, str] = {}
+    users: dict[int, int] = {}  # parameter id -> number of modules that hold it (tied weights: > 1)
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            users[id(param)] = users.get(id(param), 0) + 1
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if id(p) in optimized]
+        if not own:
+            continue
+        label = name or type(module).__name__
+        if any(re.search(pattern, name) for pattern in skip_layers):
+            fallback[label] = "matches skip_layers"
+            continue
+        layer = make_layer(name, module, linear_approximation=linear_approximation,
+                           conv2d_approximation=conv2d_approximation, embedding=embedding)
+        if isinstance(layer, str):
+            fallback[label] = layer
+        elif any(id(p) not in optimized for p in layer.params):
+            fallback[label] = "weight or bias frozen"
+        elif any(users[id(p)] > 1 for p in layer.params):
+            fallback[label] = "parameter shared with another module (tied weights)"
+        elif max(layer.factor_dims[int(layer.diagonal_input_factor):]) > max_factor_dim:
+            largest = max(layer.factor_dims[int(layer.diagonal_input_factor):])
+            fallback[label] = f"factor of dimension {largest} > max_factor_dim={max_factor_dim}"
+        else:
+            layers.append(layer)
+    return layers, fallback
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Distributed helpers
+
+
+def data_parallel_world() -> int:
+    """The world size when a process group with more than one rank is running, else 1."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def all_reduce_in_buckets(tensors: list[Tensor], *, average: bool) -> list[Tensor]:
+    """Sum (or average) ``tensors`` over the ranks with one collective per :data:`COMM_BUCKET_NUMEL` elements
+    (KAISA Sec. 3: factors communicated flattened, only on factor-update steps). Returns new tensors."""
+    world = dist.get_world_size()
+    results: list[Tensor] = []
+    start = 0
+    while start < len(tensors):
+        end, numel = start, 0
+        while end < len(tensors) and (end == start or numel + tensors[end].numel() <= COMM_BUCKET_NUMEL):
+            numel += tensors[end].numel()
+            end += 1
+        flat = torch.cat([t.reshape(-1) for t in tensors[start:end]])
+        dist.all_reduce(flat)
+        if average:
+            flat /= world
+        results += [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors[start:end]]),
+                                                          tensors[start:end])]
+        start = end
+    return results
+
+
+@contextmanager
+def matmul_precision(precision: str) -> Iterator[None]:
+    """``"high"``: TF32 for K-FAC's own fp32 matmuls on CUDA (statistics, preconditioning); ``"highest"``: fp32."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "high"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def refuse_sharded_parameters(params: list[Tensor]) -> None:
+    """K-FAC needs whole weight matrices: FSDP2's DTensors and FSDP1's flat parameters are refused."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        DTensor = ()  # type: ignore[assignment]
+    for param in params:
+        if isinstance(param, DTensor) or type(param).__name__ == "FlatParameter":
+            raise ValueError(
+                "Kfac: parameters are sharded (FSDP DTensor or FlatParameter); K-FAC needs each layer's whole "
+                "weight matrix and works on a single device or under DDP, not under FSDP or DeepSpeed"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The optimizer
+
+
+class Kfac(Optimizer):
+    r"""K-FAC preconditioning of a model's Linear, GPT-2 Conv1D, Conv2d and Embedding layers, then a base rule.
+
+    Per preconditioned layer, with :math:`\nabla_W` its gradient as a ``(d_G, d_A)`` matrix (bias as the last
+    column), at step :math:`k`:
+
+    .. math::
+        \begin{aligned}
+        & A \leftarrow \epsilon A + (1-\epsilon) A_{\text{batch}},\;
+          G \leftarrow \epsilon G + (1-\epsilon) G_{\text{batch}}
+            && \text{every factor\_interval steps; } \epsilon = \min(\text{factor\_decay}, 1 - 1/u) \\
+        & (\gamma_A, \gamma_G) = (\pi\sqrt\lambda, \sqrt\lambda/\pi)
+          && \text{M\&G 2015 Sec. 6.3; every inverse\_interval steps with the inverses} \\
+        & \tilde g = (G + \gamma_G I)^{-1} \nabla_W (A + \gamma_A I)^{-1}
+          && \text{M\&G 2015 Sec. 4.2 (inverse or eigen method)} \\
+        & \tilde g \leftarrow \nu \tilde g, \;
+          \nu = \min\bigl(1, \sqrt{\kappa / |\textstyle\sum_l \eta^2 \langle \tilde g_l, \nabla_{W_l}\rangle|}\bigr)
+          && \text{KL clipping (Ba et al. 2017), if kl\_clip}
+        \end{aligned}
+
+    then ``base_rule`` over every parameter (the preconditioned direction for those of K-FAC layers, the gradient
+    for the rest): ``"adam_graft"`` — momentum :math:`m \leftarrow \beta_1 m + (1-\beta_1)\tilde g` rescaled per
+    tensor to the norm of Adam's step on the raw gradient (AdamW on the rest); ``"adam"`` — AdamW on
+    :math:`\tilde g`; ``"sgd"`` — heavy-ball momentum with L2 weight decay (KAISA's SGD).
+
+    Args:
+        params: parameters or param groups (``lr``, ``betas``, ``eps``, ``weight_decay``, ``momentum`` per group).
+        model: the module whose layers are hooked; every parameter of a preconditioned layer must be in ``params``.
+        base_rule, momentum, method (``"inverse"`` | ``"eigen"``), damping :math:`\lambda`, pi_damping,
+        factor_decay, factor_interval, inverse_interval, kl_clip (``None`` = off): see above.
+        linear_approximation, conv2d_approximation: ``"expand"`` or ``"reduce"`` for inputs with shared
+            dimensions (Eschenhagen et al. 2023).
+        embedding: ``"diagonal"`` (diagonal :math:`A`) or ``"skip"`` (base rule).
+        skip_layers: regexes on module names left to the base rule (default ``lm_head``).
+        max_factor_dim: layers with a full factor larger than this are left to the base rule: a
+            vocabulary x vocabulary :math:`G` (an LM head: 32000^2 fp32 = 4 GB, and its inverse) is infeasible.
+        matmul_precision: ``"high"`` lets K-FAC's own fp32 matmuls use TF32 on CUDA; ``"highest"`` does not.
+        nonfinite: on an inf/NaN gradient: ``"skip"`` the step with no change to parameters or state (no host
+            sync; counted in ``nonfinite_skips``), ``"error"`` (one host sync per step), ``"apply"``.
+
+    Statistics are taken in the forward/backward passes before a factor-update step, only while
+    ``module.training`` and gradients are enabled (evaluation never touches them), summed over
+    gradient-accumulation micro-batches and normalised at the step; they are fp32 under autocast, and a
+    non-finite statistic never enters a factor. Under ``torch.distributed`` (DDP) factors are averaged over the
+    ranks in bucketed collectives on factor-update steps and each rank inverts a share of the factors, shared by
+    one collective (KAISA).
+
+    State: per parameter the base rule's tensors (``step``, ``exp_avg``, ``exp_avg_sq``, ``kfac_exp_avg``,
+    ``momentum_buffer``); on each layer's weight ``kfac_a``, ``kfac_g`` and their inverses (``kfac_a_inv``,
+    ``kfac_g_inv``) or eigenvectors and scales (``kfac_*_eigenvectors``, ``kfac_*_scales``); in
+    ``state_dict()["kfac"]`` the step and factor-update counts. Schedules count ``step()`` calls.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        model: nn.Module,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        momentum: float = 0.9,
+        base_rule: str = "adam_graft",
+        method: str = "inverse",
+        damping: float = 1e-3,
+        pi_damping: bool = True,
+        factor_decay: float = 0.95,
+        factor_interval: int = 10,
+        inverse_interval: int = 10,
+        kl_clip: float | None = 1e-3,
+        linear_approximation: str = "expand",
+        conv2d_approximation: str = "expand",
+        embedding: str = "diagonal",
+        skip_layers: tuple[str, ...] = ("lm_head",),
+        max_factor_dim: int = 8192,
+        matmul_precision: str = "high",
+        nonfinite: str = "skip",
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Kfac: model must be the nn.Module whose layers it preconditions, got {type(model)}")
+        self.settings = {
+            "base_rule": base_rule, "method": method, "damping": damping, "pi_damping": pi_damping,
+            "factor_decay": factor_decay, "factor_interval": factor_interval, "inverse_interval": inverse_interval,
+            "kl_clip": kl_clip, "linear_approximation": linear_approximation,
+            "conv2d_approximation": conv2d_approximation, "embedding": embedding, "skip_layers": tuple(skip_layers),
+            "max_factor_dim": max_factor_dim, "matmul_precision": matmul_precision,
+        }
+        _check_settings(self.settings)
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "momentum": momentum,
+                    "nonfinite": nonfinite, "nonfinite_skips": 0}
+        super().__init__(params, defaults)
+        all_params = [p for group in self.param_groups for p in group["params"]]
+        refuse_sharded_parameters(all_params)
+        self.layers, fallback = find_kfac_layers(
+            model, {id(p) for p in all_params}, skip_layers=self.settings["skip_layers"],
+            max_factor_dim=max_factor_dim, linear_approximation=linear_approximation,
+            conv2d_approximation=conv2d_approximation, embedding=embedding,
+        )
+        self.step_calls = 0
+        self.factor_updates = 0
+        self._hooks = [layer.module.register_forward_hook(partial(self._forward_hook, layer))
+                       for layer in self.layers]
+        logger.info(
+            "Kfac preconditions %d layers; the base rule (%s) updates the parameters of: %s", len(self.layers),
+            base_rule, "; ".join(f"{name} ({reason})" for name, reason in fallback.items()) or "none",
+        )
+
+    # -- configuration --------------------------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group after validating its hyperparameters (the group's own keys over the defaults)."""
+        _check_group({**self.defaults, **param_group}, f"Kfac param group {len(self.param_groups)}")
+        super().add_param_group(ParamGroup(param_group))
+
+    def remove_hooks(self) -> None:
+        """Detach the statistics hooks from the model (the optimizer then only applies its current inverses)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    @property
+    def collecting(self) -> bool:
+        """Whether the coming forward/backward passes feed the next step's factor update."""
+        return self.step_calls % self.settings["factor_interval"] == 0
+
+    # -- hooks ----------------------------------------------------------------------------------------------------
+
+    def _forward_hook(self, layer: KfacLayer, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        if not (self.collecting and module.training and torch.is_grad_enabled()):
+            return
+        with torch.no_grad(), torch.autocast(output.device.type, enabled=False), self._math_context(output.device):
+            layer.accumulate_input(args[0].detach())
+        if output.requires_grad:
+            output.register_hook(partial(self._output_grad_hook, layer))
+
+    def _output_grad_hook(self, layer: KfacLayer, grad_output: Tensor) -> None:
+        with torch.no_grad(), torch.autocast(grad_output.device.type, enabled=False), \
+                self._math_context(grad_output.device):
+            layer.accumulate_output_grad(grad_output)
+
+    def _math_context(self, device: torch.device) -> Any:
+        """K-FAC's matmul precision on CUDA; nothing to set elsewhere."""
+        stack = ExitStack()
+        if device.type == "cuda":
+            stack.enter_context(matmul_precision(self.settings["matmul_precision"]))
+        return stack
+
+    # -- the step -------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One K-FAC step: factor update and inverses when due, preconditioning, KL clip, the base rule."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params_and_grads = [params_with_grads("Kfac", group, i) for i, group in enumerate(self.param_groups)]
+        grads = [g for _, group_grads in params_and_grads for g in group_grads]
+        if not grads:
+            self._finish_step()
+            return loss
+        finite = self._finite_flag(params_and_grads)
+        device = grads[0].device
+        with self._math_context(device):
+            if self.step_calls % self.settings["factor_interval"] == 0:
+                self._update_factors(finite)
+            if self.step_calls % self.settings["inverse_interval"] == 0:
+                self._update_inverses()
+            directions = self._preconditioned_directions()
+        apply = torch.ones((), device=device) if finite is None else finite.float()
+        for group, (params, group_grads) in zip(self.param_groups, params_and_grads):
+            if params:
+                self._base_rule(group, params, group_grads, directions, finite, apply)
+        self._finish_step()
+        return loss
+
+    def _finish_step(self) -> None:
+        self.step_calls += 1
+        for layer in self.layers:
+            layer.reset_statistics()
+
+    def _finite_flag(self, params_and_grads: list[tuple[list[Tensor], list[Tensor]]]) -> Tensor | None:
+        """A 0-d bool tensor: all checked gradients finite (None when every group has ``nonfinite="apply"``)."""
+        checked = [g for group, (_, group_grads) in zip(self.param_groups, params_and_grads)
+                   if group["nonfinite"] != "apply" for g in group_grads]
+        if not checked:
+            return None
+        finite = stack_on_one_device(foreach_norms(checked)).isfinite().all()
+        if any(group["nonfinite"] == "error" for group in self.param_groups) and not bool(finite):
+            raise FloatingPointError(
+                "Kfac: non-finite (inf/NaN) gradients and nonfinite='error'; use nonfinite='skip' to skip such "
+                "steps, or 'apply' under a GradScaler"
+            )
+        counter = device_skip_counter(self, finite.device)
+        counter.add_((~finite).to(counter.dtype))
+        return finite
+
+    def _update_factors(self, finite: Tensor | None) -> None:
+        """Fold the accumulated statistics into the factors' moving averages (all-reduced under DDP)."""
+        ready = [layer for layer in self.layers if layer.input_sum is not None and layer.output_grad_sum is not None]
+        if not ready:
+            return
+        new = []
+        for layer in ready:
+            new.append(input_factor(layer.input_sum, layer.input_rows))
+            new.append(output_grad_factor(layer.output_grad_sum, layer.output_grad_examples))
+        if data_parallel_world() > 1:
+            new = all_reduce_in_buckets(new, average=True)
+        decay = min(self.settings["factor_decay"], 1.0 - 1.0 / (self.factor_updates + 1))
+        for index, layer in enumerate(ready):
+            a_new, g_new = new[2 * index], new[2 * index + 1]
+            ok = a_new.isfinite().all() & g_new.isfinite().all()
+            if finite is not None:
+                ok = ok & finite
+            state = self.state[layer.weight]
+            if "kfac_a" not in state:
+                state["kfac_a"] = torch.ones_like(a_new) if a_new.dim() == 1 else torch.eye(
+                    a_new.shape[0], dtype=a_new.dtype, device=a_new.device)
+                state["kfac_g"] = torch.eye(g_new.shape[0], dtype=g_new.dtype, device=g_new.device)
+            update_factor_(state["kfac_a"], a_new, decay, ok)
+            update_factor_(state["kfac_g"], g_new, decay, ok)
+        self.factor_updates += 1
+
+    def _update_inverses(self) -> None:
+        """Damped inverses (or eigendecompositions) of every factor: one batched call per matrix size; under DDP
+        each rank computes a contiguous share of every size's stack and one collective shares the results."""
+        layers = [layer for layer in self.layers if "kfac_a" in self.state[layer.weight]]
+        jobs: dict[int, list[tuple[KfacLayer, str, Tensor, Tensor]]] = {}
+        for layer in layers:
+            state = self.state[layer.weight]
+            gamma_a, gamma_g = factored_damping(state["kfac_a"], state["kfac_g"], self.settings["damping"],
+                                                self.settings["pi_damping"])
+            if layer.diagonal_input_factor:
+                state["kfac_a_inv"] = 1.0 / (state["kfac_a"] + gamma_a)
+            else:
+                jobs.setdefault(state["kfac_a"].shape[0], []).append((layer, "a", state["kfac_a"], gamma_a))
+            jobs.setdefault(state["kfac_g"].shape[0], []).append((layer, "g", state["kfac_g"], gamma_g))
+        world = data_parallel_world()
+        rank = dist.get_rank() if world > 1 else 0
+        eigen = self.settings["method"] == "eigen"
+        outputs: list[tuple[list, list[Tensor]]] = []
+        for size in sorted(jobs):
+            bucket = jobs[size]
+            factors = torch.stack([factor for *_, factor, _ in bucket])
+            damping = torch.stack([gamma for *_, gamma in bucket])
+            share = torch.arange(len(bucket)).tensor_split(world)[rank]
+            start, stop = (int(share[0]), int(share[-1]) + 1) if len(share) else (0, 0)
+            if eigen:
+                results = [factors.new_zeros(factors.shape), factors.new_zeros(factors.shape[:2])]
+                if stop > start:
+                    results[0][start:stop], results[1][start:stop] = damped_eigens(factors[start:stop],
+                                                                                   damping[start:stop])
+            else:
+                results = [factors.new_zeros(factors.shape)]
+                if stop > start:
+                    results[0][start:stop] = damped_inverses(factors[start:stop], damping[start:stop])
+            outputs.append((bucket, results))
+        if world > 1 and outputs:
+            shared = all_reduce_in_buckets([r for _, results in outputs for r in results], average=False)
+            per_bucket = len(outputs[0][1])
+            outputs = [(bucket, shared[i * per_bucket:(i + 1) * per_bucket]) for i, (bucket, _) in
+                       enumerate(outputs)]
+        for bucket, results in outputs:
+            for index, (layer, which, _, _) in enumerate(bucket):
+                state = self.state[layer.weight]
+                if eigen:
+                    state[f"kfac_{which}_eigenvectors"] = results[0][index]
+                    state[f"kfac_{which}_scales"] = results[1][index]
+                else:
+                    state[f"kfac_{which}_inv"] = results[0][index]
+
+    def _inverse(self, state: dict[str, Any], which: str) -> Any:
+        if f"kfac_{which}_inv" in state:
+            return state[f"kfac_{which}_inv"]
+        return state[f"kfac_{which}_eigenvectors"], state[f"kfac_{which}_scales"]
+
+    def _preconditioned_directions(self) -> dict[int, Tensor]:
+        """``{id(param): preconditioned direction}`` for the parameters of layers with inverses and gradients,
+        KL-clipped together."""
+        directions: dict[int, Tensor] = {}
+        inner_products: list[Tensor] = []
+        lr_of = {id(p): group["lr"] for group in self.param_groups for p in group["params"]}
+        for layer in self.layers:
+            state = self.state[layer.weight]
+            if any(p.grad is None for p in layer.params) or ("kfac_g_inv" not in state
+                                                            and "kfac_g_eigenvectors" not in state):
+                continue
+            grad = layer.grad_matrix()
+            preconditioned = precondition(grad, self._inverse(state, "g"), self._inverse(state, "a"))
+            if self.settings["kl_clip"] is not None:
+                inner_products.append((preconditioned * grad).sum() * lr_of[id(layer.weight)] ** 2)
+            for param, direction in zip(layer.params, layer.split(preconditioned)):
+                directions[id(param)] = direction
+        if inner_products:
+            torch._foreach_mul_(list(directions.values()), kl_clip_scale(inner_products, self.settings["kl_clip"]))
+        return directions
+
+    def _base_rule(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                   directions: dict[int, Tensor], finite: Tensor | None, apply: Tensor) -> None:
+        """Apply the base rule to one group: preconditioned directions where there are, gradients elsewhere."""
+        math_params = [p.to(math_dtype(p.dtype)) for p in params]
+        math_grads = [g.to(math_dtype(p.dtype)) for p, g in zip(params, grads)]
+        steered = [directions.get(id(p), g) for p, g in zip(params, math_grads)]
+        if finite is not None:  # skipped steps must not spread inf/NaN into the masked updates
+            math_grads = [torch.where(finite, g, 0.0) for g in math_grads]
+            steered = [torch.where(finite, d, 0.0) for d in steered]
+        rule = self.settings["base_rule"]
+        if rule == "sgd":
+            buffers = [self._state_tensor(p, "momentum_buffer") for p in params]
+            sgd_momentum(math_params, steered, buffers, lr=group["lr"], momentum=group["momentum"],
+                         weight_decay=group["weight_decay"], apply=apply)
+        else:
+            beta1, beta2 = group["betas"]
+            moments_of = math_grads if rule == "adam_graft" else steered
+            steps = [self._state_tensor(p, "step", scalar=True) for p in params]
+            update = adam_direction(moments_of, [self._state_tensor(p, "exp_avg") for p in params],
+                                    [self._state_tensor(p, "exp_avg_sq") for p in params], steps, beta1=beta1,
+                                    beta2=beta2, eps=group["eps"], apply=apply)
+            if rule == "adam_graft":
+                grafted = [i for i, p in enumerate(params) if id(p) in directions]
+                if grafted:
+                    momenta = [self._state_tensor(params[i], "kfac_exp_avg") for i in grafted]
+                    torch._foreach_lerp_(momenta, [steered[i] for i in grafted], (1.0 - beta1) * apply)
+                    for i, direction in zip(grafted, graft_norms(momenta, [update[i] for i in grafted])):
+                        update[i] = direction
+            decoupled_update(math_params, update, lr=group["lr"], weight_decay=group["weight_decay"], apply=apply)
+        for param, math_param in zip(params, math_params):
+            if math_param is not param:
+                param.copy_(math_param)
+
+    def _state_tensor(self, param: Tensor, key: str, *, scalar: bool = False) -> Tensor:
+        state = self.state[param]
+        if key not in state:
+            state[key] = (torch.zeros((), dtype=torch.float32, device=param.device) if scalar
+                          else torch.zeros_like(param, dtype=math_dtype(param.dtype)))
+        return state[key]
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict plus ``"kfac"``: the step and factor-update counts the schedules run on."""
+        state_dict = super().state_dict()
+        state_dict["kfac"] = {"step_calls": self.step_calls, "factor_updates": self.factor_updates}
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load like ``torch.optim.Optimizer`` (state of fp16/bf16 parameters kept fp32) and the K-FAC counts."""
+        counts = state_dict.get("kfac", {"step_calls": 0, "factor_updates": 0})
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "kfac"})
+        restore_state_precision(self, state_dict)
+        self.param_groups = [ParamGroup(group) for group in self.param_groups]
+        self._nonfinite_skip_counter = None
+        self.step_calls, self.factor_updates = int(counts["step_calls"]), int(counts["factor_updates"])
+        for layer in self.layers:
+            layer.reset_statistics()
+
+
+def _check_group(hyperparameters: dict[str, Any], where: str) -> None:
+    for name in ("lr", "weight_decay", "eps"):
+        value = hyperparameters[name]
+        require(is_real(value) and value >= 0, where, name, value, f"expected a real number with {name} >= 0")
+    betas = hyperparameters["betas"]
+    require(isinstance(betas, (tuple, list)) and len(betas) == 2, where, "betas", betas,
+            "expected a pair (beta1, beta2)")
+    for index, beta in enumerate(betas):
+        require(is_real(beta) and 0 <= beta < 1, where, f"betas[{index}]", beta, "expected 0 <= beta < 1")
+    momentum = hyperparameters["momentum"]
+    require(is_real(momentum) and 0 <= momentum < 1, where, "momentum", momentum, "expected 0 <= momentum < 1")
+    nonfinite = hyperparameters["nonfinite"]
+    require(nonfinite in NONFINITE_POLICIES, where, "nonfinite", nonfinite, f"expected one of {NONFINITE_POLICIES}")
+
+
+def _check_settings(settings: dict[str, Any]) -> None:
+    where = "Kfac"
+    for name, choices in (("base_rule", BASE_RULES), ("method", METHODS), ("linear_approximation", APPROXIMATIONS),
+                          ("conv2d_approximation", APPROXIMATIONS), ("embedding", EMBEDDING_MODES),
+                          ("matmul_precision", MATMUL_PRECISIONS)):
+        require(settings[name] in choices, where, name, settings[name], f"expected one of {choices}")
+    require(is_real(settings["damping"]) and settings["damping"] > 0, where, "damping", settings["damping"],
+            "expected a real number > 0")
+    require(is_real(settings["factor_decay"]) and 0 <= settings["factor_decay"] < 1, where, "factor_decay",
+            settings["factor_decay"], "expected 0 <= factor_decay < 1")
+    for name in ("factor_interval", "inverse_interval", "max_factor_dim"):
+        value = settings[name]
+        require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, where, name, value,
+                "expected an int >= 1")
+    kl_clip = settings["kl_clip"]
+    require(kl_clip is None or (is_real(kl_clip) and kl_clip > 0), where, "kl_clip", kl_clip,
+            "expected None or a real number > 0")
+    require(isinstance(settings["pi_damping"], bool), where, "pi_damping", settings["pi_damping"], "expected a bool")
+    for pattern in settings["skip_layers"]:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"{where}: invalid skip_layers entry {pattern!r}: {err}") from None

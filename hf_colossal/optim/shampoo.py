@@ -1,0 +1,864 @@
+r"""Shampoo and SOAP: Kronecker-factored preconditioners, batched over blocks of equal shape.
+
+Shampoo: Gupta, Koren, Singer (2018), "Shampoo: Preconditioned Stochastic Tensor Optimization",
+arXiv:1802.09568, Algorithm 1 (factors :math:`L \mathrel{+}= GG^\top`, :math:`R \mathrel{+}= G^\top G`, update
+:math:`L^{-1/4} G R^{-1/4}`); Anil, Gupta, Koren, Regan, Singer (2020), "Scalable Second Order Optimization for
+Deep Learning", arXiv:2002.09018 (blocking Sec. 3.3, grafting Sec. 3.4, preconditioners recomputed every few
+steps Sec. 3.1, root exponent override); Shi et al. (2023), "A Distributed Data-Parallel PyTorch Implementation of
+the Distributed Shampoo Optimizer for Training Neural Networks At-Scale", arXiv:2309.06497 (Algorithm 1:
+exponential moving averages of the factors, bias-corrected filtered gradient, per-block grafting, merged small
+dimensions, data-parallel split of the root computations, Sec. 4).
+
+SOAP: Vyas, Morwani, Zhao, Kwun, Shapira, Brandfonbrener, Janson, Kakade (2024), "SOAP: Improving and
+Stabilizing Shampoo using Adam", arXiv:2409.11321, Algorithm 3: Adam run in the eigenbasis of Shampoo's factors,
+the eigenbasis refreshed every ``precondition_frequency`` steps by one step of power iteration with a QR
+decomposition (Algorithm 4), the second moment permuted to the new eigenvalue order.
+
+The math is in the plain functions of this module, each over stacked blocks ``(n, rows, cols)`` (or lists of
+tensors for the elementwise parts, with ``torch._foreach_*``); :class:`Shampoo` and :class:`Soap` are the
+``torch.optim.Optimizer`` glue around them. Blocks come from :mod:`._blocks`: every block shape of a param group is
+one bucket, so a step costs a handful of batched kernels per shape and no Python loop per block. Steps that do
+not recompute preconditioners need no host synchronisation (with ``nonfinite="apply"``; the default ``"skip"``
+reads one flag per step) and no collective under DDP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from itertools import chain
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.optimizer import ParamsT
+
+from ._blocks import BlockBucket, block_shape, block_slices, matrix_shape
+from ._foreach import foreach_norms, is_real, math_dtype, nonfinite_policy_allows_step, params_with_grads, require
+
+__all__ = [
+    "GRAFTING_TYPES",
+    "Shampoo",
+    "Soap",
+    "eigenbasis",
+    "elementwise_directions",
+    "graft",
+    "inverse_root",
+    "refresh_eigenbasis",
+    "shampoo_direction",
+    "update_factors",
+    "update_moments",
+]
+
+GRAFTING_TYPES = ("adam", "adagrad", "rmsprop", "sgd", "none")
+PRECONDITIONER_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+EIGENBASIS_UPDATES = ("qr", "eigh")
+_NONFINITE_POLICIES = ("skip", "error", "apply")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Functional math
+
+
+def second_moment_rule(grafting: str) -> str | None:
+    """How the elementwise second moment :math:`v` of ``grafting`` accumulates: ``"ema"`` (Adam, RMSprop),
+    ``"sum"`` (AdaGrad) or None (SGD, none: no second moment)."""
+    return {"adam": "ema", "rmsprop": "ema", "adagrad": "sum"}.get(grafting)
+
+
+def update_moments(
+    grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor] | None, *, beta1: float, beta2: float,
+    rule: str | None,
+) -> None:
+    r"""First moment :math:`m \leftarrow \beta_1 m + (1-\beta_1) g` (Shi et al. 2023, Alg. 1, the filtered
+    gradient) and second moment :math:`v \leftarrow \beta_2 v + (1-\beta_2) g^2` (``rule="ema"``) or
+    :math:`v \leftarrow v + g^2` (``"sum"``), in place, one ``torch._foreach_*`` call per term."""
+    if beta1 == 0:
+        torch._foreach_copy_(exp_avgs, grads)
+    else:
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    if rule == "ema":
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    elif rule == "sum":
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads)
+
+
+def elementwise_directions(
+    exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor] | None, *, grafting: str, bias_corrections2: list[float],
+    eps: float,
+) -> list[Tensor]:
+    r"""The diagonal (grafting) direction of each tensor, before the first-moment bias correction.
+
+    ``adam``: :math:`m / (\sqrt{v / (1-\beta_2^t)} + \epsilon)`; ``rmsprop`` and ``adagrad``:
+    :math:`m / (\sqrt{v} + \epsilon)`; ``sgd`` and ``none``: :math:`m` itself (returned, not copied). Anil et al.
+    2020, Sec. 3.4; Shi et al. 2023, Sec. 3.2 (Adam, AdaGrad, RMSprop, SGD grafting).
+    """
+    if grafting in ("sgd", "none"):
+        return list(exp_avgs)
+    if grafting == "adam":
+        denominators = torch._foreach_div(exp_avg_sqs, bias_corrections2)
+        torch._foreach_sqrt_(denominators)
+    else:
+        denominators = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denominators, eps)
+    return torch._foreach_div(exp_avgs, denominators)
+
+
+def _bmm(left: Tensor, right: Tensor, matmul_dtype: torch.dtype) -> Tensor:
+    """``left @ right``: with bf16 inputs (result in fp32) when ``matmul_dtype`` is bf16, else in the wider of
+    the two dtypes (fp64 factors stay fp64)."""
+    if matmul_dtype == torch.bfloat16:
+        return torch.matmul(left.bfloat16(), right.bfloat16()).float()
+    dtype = torch.promote_types(left.dtype, right.dtype)
+    return torch.matmul(left.to(dtype), right.to(dtype))
+
+
+def update_factors(
+    grads: Tensor, lefts: Tensor, rights: Tensor, *, beta: float, matmul_dtype: torch.dtype = torch.float32
+) -> None:
+    r"""Kronecker factors of stacked blocks, in place: :math:`L \leftarrow \beta L + (1-\beta) GG^\top`,
+    :math:`R \leftarrow \beta R + (1-\beta) G^\top G`; ``beta=1`` sums (:math:`L \mathrel{+}= GG^\top`, Gupta et al.
+    2018, Alg. 1). Shi et al. 2023, Alg. 1, lines 5-6. The factors keep their dtype (the preconditioner dtype)."""
+    for factor, product in ((lefts, _bmm(grads, grads.mT, matmul_dtype)), (rights, _bmm(grads.mT, grads, matmul_dtype))):
+        if beta == 1:
+            factor.add_(product.to(factor.dtype))
+        else:
+            factor.lerp_(product.to(factor.dtype), 1 - beta)
+
+
+def symmetric_eigh(matrices: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh`` of a stack of symmetric matrices, never raising.
+
+    The batched call runs first; if it raises (no convergence), each matrix is retried alone and the matrices that
+    still fail get NaN eigenvalues and eigenvectors, which the callers' finiteness checks reject.
+    """
+    try:
+        return torch.linalg.eigh(matrices)
+    except RuntimeError:  # torch.linalg.LinAlgError derives from RuntimeError
+        pass
+    values = torch.full(matrices.shape[:-1], float("nan"), dtype=matrices.dtype, device=matrices.device)
+    vectors = torch.full_like(matrices, float("nan"))
+    for index in range(matrices.shape[0]):
+        try:
+            values[index], vectors[index] = torch.linalg.eigh(matrices[index])
+        except RuntimeError:
+            continue
+    return values, vectors
+
+
+def _finite_blocks(*stacks: Tensor) -> Tensor:
+    """A bool per block: every entry of every stack is finite."""
+    ok = torch.ones(stacks[0].shape[0], dtype=torch.bool, device=stacks[0].device)
+    for stack in stacks:
+        ok &= stack.isfinite().flatten(1).all(dim=1)
+    return ok
+
+
+def inverse_root(factors: Tensor, *, root: int, eps: float) -> tuple[Tensor, Tensor]:
+    r"""The inverse roots :math:`(A + \epsilon I)^{-1/p}` of stacked symmetric PSD factors, by one batched
+    symmetric eigendecomposition: :math:`A = Q \Lambda Q^\top`, result
+    :math:`Q\,(\max(\Lambda, 0) + \epsilon)^{-1/p} Q^\top` (eigenvalues clamped at 0 against round-off).
+    Anil et al. 2020, Sec. 3.1 / Shi et al. 2023, Sec. 3.2.1 (root inverse by eigendecomposition, epsilon).
+
+    Returns the roots and a bool per block: whether that block's result is finite. The caller keeps its previous
+    root where it is not.
+    """
+    values, vectors = symmetric_eigh(factors)
+    scales = (values.clamp_min(0) + eps).pow(-1.0 / root)
+    roots = (vectors * scales.unsqueeze(-2)) @ vectors.mT
+    return roots, _finite_blocks(roots)
+
+
+def shampoo_direction(
+    exp_avgs: Tensor, left_roots: Tensor, right_roots: Tensor, *, matmul_dtype: torch.dtype = torch.float32
+) -> Tensor:
+    r""":math:`L^{-1/p}\, m\, R^{-1/p}` for stacked blocks (Gupta et al. 2018, Alg. 1; Shi et al. 2023, Alg. 1
+    line 12 with the filtered gradient :math:`m`), in the dtype of ``exp_avgs``."""
+    out = _bmm(_bmm(left_roots, exp_avgs, matmul_dtype), right_roots, matmul_dtype)
+    return out.to(exp_avgs.dtype)
+
+
+def graft(direction: Tensor, grafted: Tensor) -> Tensor:
+    r"""Per block, ``direction`` rescaled to the norm of ``grafted``:
+    :math:`d\, \|d_{graft}\|_F / \|d\|_F` (0 where :math:`\|d\|_F = 0`). Anil et al. 2020, Sec. 3.4 (layer-wise
+    grafting, here per block as in Shi et al. 2023, Sec. 3.2)."""
+    norms = torch.linalg.vector_norm(direction, dim=(-2, -1), keepdim=True)
+    grafted_norms = torch.linalg.vector_norm(grafted, dim=(-2, -1), keepdim=True)
+    scale = torch.where(norms > 0, grafted_norms / norms, torch.zeros_like(norms))
+    return direction.mul_(scale)
+
+
+def eigenbasis(factors: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvectors of stacked symmetric factors, by decreasing eigenvalue, and a bool per block (finite).
+    SOAP (Vyas et al. 2024), Algorithm 3: the first eigenbasis, by eigendecomposition."""
+    _, vectors = symmetric_eigh(factors)
+    vectors = vectors.flip(-1)
+    return vectors, _finite_blocks(vectors)
+
+
+def refresh_eigenbasis(factors: Tensor, bases: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""One step of power iteration with QR for stacked factors :math:`P` and their current bases :math:`Q`
+    (SOAP, Vyas et al. 2024, Algorithm 4).
+
+    Estimated eigenvalues :math:`\operatorname{diag}(Q^\top P Q)` order the columns decreasingly (``order``);
+    the new basis is :math:`\operatorname{QR}(P\,Q_{:,\text{order}})`. Returns the new bases, ``order`` (int64,
+    per block: the old column index of each new column, also the permutation of the Adam second moment) and a
+    bool per block (finite).
+    """
+    products = factors @ bases
+    estimates = (bases * products).sum(dim=-2)
+    order = estimates.argsort(dim=-1, descending=True)
+    products = products.gather(-1, order.unsqueeze(-2).expand_as(products))
+    new_bases, _ = torch.linalg.qr(products)
+    return new_bases, order, _finite_blocks(new_bases)
+
+
+def rotate(x: Tensor, left: Tensor, right: Tensor, matmul_dtype: torch.dtype) -> Tensor:
+    r""":math:`Q_L^\top x\, Q_R` (into the eigenbasis; SOAP Algorithm 3, line 5), in the dtype of ``x``."""
+    return _bmm(_bmm(left.mT, x, matmul_dtype), right, matmul_dtype).to(x.dtype)
+
+
+def rotate_back(x: Tensor, left: Tensor, right: Tensor, matmul_dtype: torch.dtype) -> Tensor:
+    r""":math:`Q_L\, x\, Q_R^\top` (back from the eigenbasis; SOAP Algorithm 3, line 10), in the dtype of ``x``."""
+    return _bmm(_bmm(left, x, matmul_dtype), right.mT, matmul_dtype).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimizer glue shared by Shampoo and SOAP
+
+
+@dataclasses.dataclass
+class DiagonalParams:
+    """The parameters of a param group without a matrix view (order 1 after merging) at one step count."""
+
+    group_index: int
+    step: int
+    params: list[Tensor]
+
+
+def _as_slice(indices: range) -> slice:
+    return slice(indices.start, indices.stop, indices.step) if len(indices) else slice(0, 0)
+
+
+def _rank_and_world_size() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def recompute_selection(step: int, n_blocks: int, *, frequency: int, start: int, stagger: bool) -> range | None:
+    """Which blocks of a bucket recompute their preconditioner at ``step`` (1-based), or None.
+
+    All blocks at ``step == start`` (the first preconditioned step); after it, every ``frequency`` steps. With
+    ``stagger``, block ``i`` recomputes when ``(step - start) % frequency == i % frequency``: each step does about
+    ``1/frequency`` of the work instead of all of it on one step in ``frequency``.
+    """
+    if step < start:
+        return None
+    if step == start:
+        return range(n_blocks)
+    phase = (step - start) % frequency
+    if stagger:
+        selection = range(n_blocks)[phase::frequency]
+        return selection if len(selection) else None
+    return range(n_blocks) if phase == 0 else None
+
+
+def _check_no_dtensor(name: str, params: list[Tensor]) -> None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return
+    for param in params:
+        if isinstance(param, DTensor):
+            raise ValueError(
+                f"{name} does not support sharded (DTensor) parameters, as FSDP2 and tensor parallelism create: its "
+                f"preconditioners need whole matrices. Use a single device or DDP (torchrun / accelerate launch "
+                f"without --fsdp); under DDP the preconditioner computations are split across ranks."
+            )
+
+
+class _KroneckerOptimizer(Optimizer):
+    """Step structure, state layout, DDP work split and state loading that :class:`Shampoo` and :class:`Soap`
+    share. A step: (1) ``_accumulate`` per bucket (moments, factors), (2) recompute the due preconditioners, split
+    over the data-parallel ranks and shared in one ``all_reduce``, (3) ``_direction`` per bucket, written into the
+    parameters. Parameters without a matrix view (order 1 after merging) take ``_diagonal_grafting``."""
+
+    name: str
+    #: Per-block state keys (lists with one tensor per block in each parameter's state).
+    block_keys: tuple[str, ...]
+    #: Keys held in the preconditioner dtype.
+    preconditioner_keys = ("factor_left", "factor_right", "root_left", "root_right", "basis_left", "basis_right")
+
+    def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+        self._check_hyperparameters(defaults, self.name)
+        super().__init__(params, defaults)
+        self._plan: tuple[Any, list[BlockBucket], list[DiagonalParams], list[Tensor]] | None = None
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._plan = None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group after validating its hyperparameters; sharded (DTensor) parameters are refused."""
+        where = f"{self.name} param group {len(self.param_groups)}"
+        self._check_hyperparameters({**self.defaults, **param_group}, where)
+        params = param_group["params"]
+        _check_no_dtensor(self.name, [params] if isinstance(params, Tensor) else list(params))
+        super().add_param_group(param_group)
+        self._plan = None
+
+    @staticmethod
+    def _check_hyperparameters(hyperparameters: dict[str, Any], where: str) -> None:
+        for key in ("lr", "weight_decay", "eps"):
+            value = hyperparameters[key]
+            require(is_real(value) and value >= 0, where, key, value, f"expected a real number with {key} >= 0")
+        betas = hyperparameters["betas"]
+        require(isinstance(betas, (tuple, list)) and len(betas) == 2, where, "betas", betas, "expected a pair")
+        for index, beta in enumerate(betas):
+            require(is_real(beta) and 0 <= beta < 1, where, f"betas[{index}]", beta, "expected 0 <= beta < 1")
+        beta = hyperparameters["shampoo_beta"]
+        require(is_real(beta) and 0 < beta <= 1, where, "shampoo_beta", beta, "expected 0 < shampoo_beta <= 1")
+        for key in ("max_preconditioner_dim", "precondition_frequency"):
+            value = hyperparameters[key]
+            require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, where, key, value,
+                    "expected an int >= 1")
+        for key, choices in (("preconditioner_dtype", PRECONDITIONER_DTYPES), ("matmul_dtype", MATMUL_DTYPES),
+                             ("nonfinite", _NONFINITE_POLICIES)):
+            value = hyperparameters[key]
+            require(value in choices, where, key, value, f"expected one of {tuple(choices)}")
+        require(isinstance(hyperparameters["stagger_recompute"], bool), where, "stagger_recompute",
+                hyperparameters["stagger_recompute"], "expected a bool")
+
+    # -- subclass interface -------------------------------------------------------------------------------------
+
+    def _init_block_state(self, rows: int, cols: int, device: torch.device, dtype: torch.dtype,
+                          group: dict[str, Any]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _diagonal_grafting(self, group: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def _accumulate(self, bucket: BlockBucket, grads: Tensor, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _candidates(self, bucket: BlockBucket, group: dict[str, Any], blocks: slice) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    def _accept(self, bucket: BlockBucket, group: dict[str, Any], blocks: slice, results: tuple[Tensor, ...]) -> None:
+        raise NotImplementedError
+
+    def _recompute_selection(self, bucket: BlockBucket, group: dict[str, Any]) -> range | None:
+        raise NotImplementedError
+
+    def _direction(self, bucket: BlockBucket, grads: Tensor, group: dict[str, Any]) -> Tensor:
+        raise NotImplementedError
+
+    # -- state ------------------------------------------------------------------------------------------------
+
+    def _init_state(self, param: Tensor, group: dict[str, Any]) -> None:
+        state = self.state[param]
+        state["step"] = torch.zeros((), dtype=torch.float32)
+        matrix = matrix_shape(tuple(param.shape), group["max_preconditioner_dim"])
+        dtype = math_dtype(param.dtype)
+        if matrix is None:
+            state["exp_avg"] = torch.zeros_like(param, dtype=dtype)
+            if second_moment_rule(self._diagonal_grafting(group)) is not None:
+                state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype)
+            return
+        blocks = [
+            self._init_block_state(*block_shape(slices), param.device, dtype, group)
+            for slices in block_slices(*matrix, group["max_preconditioner_dim"])
+        ]
+        for key in blocks[0]:
+            state[key] = [block[key] for block in blocks]
+
+    def _expected_dtype(self, key: str, param: Tensor, group: dict[str, Any]) -> torch.dtype:
+        if key == "preconditioner_failures":
+            return torch.int64
+        if key in self.preconditioner_keys:
+            return PRECONDITIONER_DTYPES[group["preconditioner_dtype"]]
+        return math_dtype(param.dtype)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load like ``torch.optim.Optimizer``, then put every state tensor back in its own dtype on its
+        parameter's device (torch casts floating state to the parameter dtype, and the failure counters too).
+        The stacked buckets are rebuilt from this per-parameter state on the next step."""
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
+        params = ((p, group) for group in self.param_groups for p in group["params"])
+        for saved_id, (param, group) in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if saved is None:
+                continue
+            for key, value in saved.items():
+                if key == "step":
+                    self.state[param][key] = value.to(device="cpu", dtype=torch.float32)
+                    continue
+                dtype = self._expected_dtype(key, param, group)
+                if isinstance(value, Tensor):
+                    self.state[param][key] = value.to(device=param.device, dtype=dtype)
+                else:
+                    self.state[param][key] = [block.to(device=param.device, dtype=dtype) for block in value]
+        self._plan = None
+
+    def preconditioner_failures(self) -> int:
+        """How many block preconditioner computations failed (eigendecomposition raised or gave non-finite
+        values) and kept the previous preconditioner. One host sync."""
+        counts = [
+            count for state in self.state.values() for count in state.get("preconditioner_failures", [])
+        ]
+        return int(torch.stack(counts).sum()) if counts else 0
+
+    # -- the step ---------------------------------------------------------------------------------------------
+
+    def _build_plan(self, params_and_grads: list[tuple[list[Tensor], list[Tensor]]]) -> None:
+        """Create missing state and stack the blocks of equal (group, shape, step) into buckets."""
+        buckets: list[BlockBucket] = []
+        diagonals: list[DiagonalParams] = []
+        for group_index, (group, (params, _)) in enumerate(zip(self.param_groups, params_and_grads)):
+            max_dim = group["max_preconditioner_dim"]
+            by_shape: dict[tuple[int, tuple[int, int]], list] = {}
+            by_step: dict[int, list[Tensor]] = {}
+            for param in params:
+                if not self.state[param]:
+                    self._init_state(param, group)
+                step = int(self.state[param]["step"])
+                matrix = matrix_shape(tuple(param.shape), max_dim)
+                if matrix is None:
+                    by_step.setdefault(step, []).append(param)
+                    continue
+                for index, slices in enumerate(block_slices(*matrix, max_dim)):
+                    by_shape.setdefault((step, block_shape(slices)), []).append((param, matrix, index, slices))
+            for (step, shape), entries in by_shape.items():
+                keys = tuple(self.state[entries[0][0]].keys() - {"step"})
+                buckets.append(BlockBucket(group_index, step, shape, entries, self.state, tuple(sorted(keys))))
+            diagonals += [DiagonalParams(group_index, step, params) for step, params in by_step.items()]
+        key = tuple(tuple(id(p) for p in params) for params, _ in params_and_grads)
+        steps = [self.state[p]["step"] for params, _ in params_and_grads for p in params]
+        self._plan = (key, buckets, diagonals, steps)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params_and_grads = [params_with_grads(self.name, group, i) for i, group in enumerate(self.param_groups)]
+        if not any(params for params, _ in params_and_grads):
+            return loss
+        if any(group["nonfinite"] != "apply" for group in self.param_groups):
+            grad_norms = [foreach_norms(grads) for _, grads in params_and_grads]
+            if not nonfinite_policy_allows_step(self.name, self.param_groups, grad_norms):
+                return loss
+        key = tuple(tuple(id(p) for p in params) for params, _ in params_and_grads)
+        if self._plan is None or self._plan[0] != key:
+            self._build_plan(params_and_grads)
+        _, buckets, diagonals, steps = self._plan
+        torch._foreach_add_(steps, 1.0)
+
+        for group, (params, _) in zip(self.param_groups, params_and_grads):
+            if params and self._decoupled(group) and group["weight_decay"] != 0 and group["lr"] != 0:
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+
+        gathered = []
+        for bucket in buckets:
+            group = self.param_groups[bucket.group_index]
+            bucket.step += 1
+            grads = bucket.gather_grads()
+            if not self._decoupled(group) and group["weight_decay"] != 0:
+                grads.add_(torch.stack(bucket.param_blocks).to(grads.dtype), alpha=group["weight_decay"])
+            self._accumulate(bucket, grads, group)
+            gathered.append(grads)
+
+        due = []
+        for bucket in buckets:
+            selection = self._recompute_selection(bucket, self.param_groups[bucket.group_index])
+            if selection is not None:
+                due.append((bucket, selection))
+        if due:
+            self._recompute(due)
+
+        for bucket, grads in zip(buckets, gathered):
+            group = self.param_groups[bucket.group_index]
+            direction = self._direction(bucket, grads, group)
+            step_size = group["lr"] / self._bias_correction1(group, bucket.step)
+            torch._foreach_add_(bucket.param_blocks, list(direction.unbind(0)), alpha=-step_size)
+
+        for diagonal in diagonals:
+            diagonal.step += 1
+            self._diagonal_step(self.param_groups[diagonal.group_index], diagonal.params, diagonal.step)
+        return loss
+
+    def _decoupled(self, group: dict[str, Any]) -> bool:
+        return group.get("decoupled_weight_decay", True)
+
+    @staticmethod
+    def _bias_correction1(group: dict[str, Any], step: int) -> float:
+        return 1 - group["betas"][0] ** step
+
+    def _diagonal_step(self, group: dict[str, Any], params: list[Tensor], step: int) -> None:
+        """Parameters without a matrix view: the elementwise update of ``_diagonal_grafting(group)``."""
+        grafting = self._diagonal_grafting(group)
+        rule = second_moment_rule(grafting)
+        dtype = math_dtype(params[0].dtype)
+        grads = [p.grad.to(dtype) for p in params]
+        if not self._decoupled(group) and group["weight_decay"] != 0:
+            grads = torch._foreach_add(grads, [p.to(dtype) for p in params], alpha=group["weight_decay"])
+        exp_avgs = [self.state[p]["exp_avg"] for p in params]
+        exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params] if rule else None
+        beta1, beta2 = group["betas"]
+        update_moments(grads, exp_avgs, exp_avg_sqs, beta1=beta1, beta2=beta2, rule=rule)
+        directions = elementwise_directions(exp_avgs, exp_avg_sqs, grafting=grafting,
+                                            bias_corrections2=[1 - beta2**step] * len(params), eps=group["eps"])
+        torch._foreach_add_(params, directions, alpha=-group["lr"] / self._bias_correction1(group, step))
+
+    def _recompute(self, due: list[tuple[BlockBucket, range]]) -> None:
+        """Recompute the due blocks' preconditioners. Under ``torch.distributed``, each rank computes an equal
+        share of every bucket's due blocks (Shi et al. 2023, Sec. 4) and one ``all_reduce`` (per dtype) of the
+        zero-padded results gives every rank all of them."""
+        rank, world_size = _rank_and_world_size()
+        results: list[tuple[Tensor, ...]] = []
+        for bucket, selection in due:
+            group = self.param_groups[bucket.group_index]
+            share = -(-len(selection) // world_size)
+            owned = selection[rank * share:(rank + 1) * share]
+            computed = self._candidates(bucket, group, _as_slice(owned))
+            if world_size == 1:
+                results.append(computed)
+                continue
+            start = min(rank * share, len(selection))
+            padded = []
+            for tensor in computed:
+                full = torch.zeros((len(selection), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+                full[start:start + tensor.shape[0]] = tensor
+                padded.append(full)
+            results.append(tuple(padded))
+        if world_size > 1:
+            tensors = [tensor for result in results for tensor in result]
+            for dtype in {tensor.dtype for tensor in tensors}:
+                same = [tensor for tensor in tensors if tensor.dtype == dtype]
+                flat = torch.cat([tensor.reshape(-1) for tensor in same])
+                dist.all_reduce(flat)
+                torch._foreach_copy_(same, [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in same]), same)])
+        for (bucket, selection), result in zip(due, results):
+            self._accept(bucket, self.param_groups[bucket.group_index], _as_slice(selection), result)
+
+
+def _keep_previous(current: Tensor, candidate: Tensor, ok: Tensor) -> None:
+    """``current[i] = candidate[i]`` for the blocks where ``ok`` (a 0/1 float per block) is 1, in place."""
+    mask = (ok > 0.5).view(-1, *([1] * (current.dim() - 1)))
+    current.copy_(torch.where(mask, candidate.to(current.dtype), current))
+
+
+class Shampoo(_KroneckerOptimizer):
+    r"""Shampoo with grafting (Gupta et al. 2018; Anil et al. 2020; Shi et al. 2023, Algorithm 1).
+
+    Each parameter is viewed as a matrix and cut into blocks (see :mod:`._blocks`). For a block with gradient
+    :math:`G` at step :math:`t` (math in fp32, factors and roots in ``preconditioner_dtype``):
+
+    .. math::
+        \begin{aligned}
+        & G \leftarrow G + \lambda X && \text{if not decoupled\_weight\_decay (L2)} \\
+        & L \leftarrow \beta_s L + (1-\beta_s) GG^\top,\; R \leftarrow \beta_s R + (1-\beta_s) G^\top G
+            && \text{Alg. 1 l. 5-6; } \beta_s = 1 \text{ sums} \\
+        & m \leftarrow \beta_1 m + (1-\beta_1) G && \text{filtered gradient} \\
+        & v \leftarrow \text{grafting second moment (Adam / RMSprop EMA with } \beta_2 \text{, AdaGrad sum)} \\
+        & \bar L, \bar R \leftarrow (L + \epsilon_s I)^{-1/p}, (R + \epsilon_s I)^{-1/p}
+            && \text{every precondition\_frequency steps from start\_preconditioning\_step} \\
+        & d_g = m / (\sqrt{v \text{ (bias-corrected for Adam)}} + \epsilon) && \text{grafting direction} \\
+        & d = \bar L\, m\, \bar R \cdot \|d_g\|_F / \|\bar L m \bar R\|_F && \text{(} d = d_g \text{ before the
+            start step; no rescaling with grafting="none")} \\
+        & X \leftarrow X (1 - \gamma\lambda) \text{ (decoupled)};\; X \leftarrow X - \gamma\, d / (1-\beta_1^t)
+        \end{aligned}
+
+    The default exponent is :math:`p = 4` (:math:`2\times` the order of a matrix block, Gupta et al. 2018);
+    ``exponent_override`` sets another (2 gives the :math:`-1/2` roots Shi et al. recommend with grafting).
+    Parameters of order 1 after merging (biases, norm weights) take the grafting update alone (SGD with momentum
+    for ``grafting="none"``).
+
+    Args:
+        params: parameters or param groups (any key below may be set per group).
+        lr: :math:`\gamma`.
+        betas: :math:`(\beta_1, \beta_2)`: first moment (0 disables it) and the grafting second moment's EMA.
+        eps: :math:`\epsilon` of the grafting denominator.
+        weight_decay: :math:`\lambda`.
+        shampoo_beta: :math:`\beta_s`, the factors' EMA coefficient; 1.0 sums them (AdaGrad-style, the paper).
+        preconditioner_eps: :math:`\epsilon_s` added to the factors' eigenvalues before the root.
+        max_preconditioner_dim: the largest block side (and the merge threshold of small dimensions).
+        precondition_frequency: steps between recomputations of a block's roots.
+        start_preconditioning_step: the first step that uses the roots (grafting alone before); None: equal to
+            ``precondition_frequency`` (as distributed_shampoo).
+        grafting: ``"adam" | "adagrad" | "rmsprop" | "sgd" | "none"``.
+        decoupled_weight_decay: AdamW-style decay (True) or L2 added to the gradient (False).
+        exponent_override: the root :math:`p` (None: 4).
+        preconditioner_dtype: ``"float32"`` or ``"float64"`` for the factors, the eigendecompositions and roots.
+        matmul_dtype: ``"float32"`` or ``"bfloat16"``: input dtype of the per-step matrix products (factor
+            updates, applying the roots); bf16 is faster on GPUs, the results are accumulated in fp32.
+        stagger_recompute: spread the recomputations over the ``precondition_frequency`` steps (block ``i`` at
+            steps where ``(t - start) % frequency == i % frequency``) instead of all blocks on one step.
+        nonfinite: a step with an inf/NaN gradient: ``"skip"`` (counted in ``nonfinite_skips``, one host sync per
+            step), ``"error"`` or ``"apply"`` (no check).
+
+    State per matrix parameter (lists with one tensor per block): ``exp_avg``, ``exp_avg_sq`` (not for sgd/none
+    grafting), ``factor_left``, ``factor_right``, ``root_left``, ``root_right`` (identity until computed) and
+    ``preconditioner_failures`` (int64: recomputations whose eigendecomposition raised or gave non-finite values,
+    which kept the previous root); ``step`` (float32 CPU scalar). Parameters on the diagonal path hold ``exp_avg``
+    (and ``exp_avg_sq``) shaped like the parameter.
+    """
+
+    name = "Shampoo"
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        shampoo_beta: float = 1.0,
+        preconditioner_eps: float = 1e-12,
+        max_preconditioner_dim: int = 1024,
+        precondition_frequency: int = 10,
+        start_preconditioning_step: int | None = None,
+        grafting: str = "adam",
+        decoupled_weight_decay: bool = True,
+        exponent_override: int | None = None,
+        preconditioner_dtype: str = "float32",
+        matmul_dtype: str = "float32",
+        stagger_recompute: bool = True,
+        nonfinite: str = "skip",
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, shampoo_beta=shampoo_beta,
+            preconditioner_eps=preconditioner_eps, max_preconditioner_dim=max_preconditioner_dim,
+            precondition_frequency=precondition_frequency, start_preconditioning_step=start_preconditioning_step,
+            grafting=grafting, decoupled_weight_decay=decoupled_weight_decay, exponent_override=exponent_override,
+            preconditioner_dtype=preconditioner_dtype, matmul_dtype=matmul_dtype,
+            stagger_recompute=stagger_recompute, nonfinite=nonfinite, nonfinite_skips=0,
+        )
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _check_hyperparameters(hyperparameters: dict[str, Any], where: str) -> None:
+        _KroneckerOptimizer._check_hyperparameters(hyperparameters, where)
+        grafting = hyperparameters["grafting"]
+        require(grafting in GRAFTING_TYPES, where, "grafting", grafting, f"expected one of {GRAFTING_TYPES}")
+        eps = hyperparameters["preconditioner_eps"]
+        require(is_real(eps) and eps > 0, where, "preconditioner_eps", eps, "expected a real number > 0")
+        start = hyperparameters["start_preconditioning_step"]
+        require(start is None or (isinstance(start, int) and not isinstance(start, bool) and start >= 1), where,
+                "start_preconditioning_step", start, "expected None or an int >= 1")
+        root = hyperparameters["exponent_override"]
+        require(root is None or (isinstance(root, int) and not isinstance(root, bool) and root >= 1), where,
+                "exponent_override", root, "expected None or an int >= 1 (the root p of X^(-1/p))")
+        require(isinstance(hyperparameters["decoupled_weight_decay"], bool), where, "decoupled_weight_decay",
+                hyperparameters["decoupled_weight_decay"], "expected a bool")
+
+    def _init_block_state(self, rows, cols, device, dtype, group):
+        precond = PRECONDITIONER_DTYPES[group["preconditioner_dtype"]]
+        state = {"exp_avg": torch.zeros(rows, cols, dtype=dtype, device=device)}
+        if second_moment_rule(group["grafting"]) is not None:
+            state["exp_avg_sq"] = torch.zeros(rows, cols, dtype=dtype, device=device)
+        state.update(
+            factor_left=torch.zeros(rows, rows, dtype=precond, device=device),
+            factor_right=torch.zeros(cols, cols, dtype=precond, device=device),
+            root_left=torch.eye(rows, dtype=precond, device=device),
+            root_right=torch.eye(cols, dtype=precond, device=device),
+            preconditioner_failures=torch.zeros((), dtype=torch.int64, device=device),
+        )
+        return state
+
+    def _diagonal_grafting(self, group):
+        return "sgd" if group["grafting"] == "none" else group["grafting"]
+
+    @staticmethod
+    def _start(group: dict[str, Any]) -> int:
+        return group["start_preconditioning_step"] or group["precondition_frequency"]
+
+    def _accumulate(self, bucket, grads, group):
+        stacks = bucket.stacks
+        beta1, beta2 = group["betas"]
+        rule = second_moment_rule(group["grafting"])
+        update_moments([grads], [stacks["exp_avg"]], [stacks["exp_avg_sq"]] if rule else None,
+                       beta1=beta1, beta2=beta2, rule=rule)
+        update_factors(grads, stacks["factor_left"], stacks["factor_right"], beta=group["shampoo_beta"],
+                       matmul_dtype=MATMUL_DTYPES[group["matmul_dtype"]])
+
+    def _recompute_selection(self, bucket, group):
+        return recompute_selection(bucket.step, len(bucket), frequency=group["precondition_frequency"],
+                                   start=self._start(group), stagger=group["stagger_recompute"])
+
+    def _candidates(self, bucket, group, blocks):
+        root = group["exponent_override"] or 4
+        left, left_ok = inverse_root(bucket.stacks["factor_left"][blocks], root=root, eps=group["preconditioner_eps"])
+        right, right_ok = inverse_root(bucket.stacks["factor_right"][blocks], root=root,
+                                       eps=group["preconditioner_eps"])
+        return left, left_ok.to(left.dtype), right, right_ok.to(right.dtype)
+
+    def _accept(self, bucket, group, blocks, results):
+        left, left_ok, right, right_ok = results
+        _keep_previous(bucket.stacks["root_left"][blocks], left, left_ok)
+        _keep_previous(bucket.stacks["root_right"][blocks], right, right_ok)
+        bucket.stacks["preconditioner_failures"][blocks] += ((left_ok < 0.5) | (right_ok < 0.5)).to(torch.int64)
+
+    def _direction(self, bucket, grads, group):
+        stacks = bucket.stacks
+        beta2 = group["betas"][1]
+        rule = second_moment_rule(group["grafting"])
+        (grafted,) = elementwise_directions(
+            [stacks["exp_avg"]], [stacks["exp_avg_sq"]] if rule else None, grafting=group["grafting"],
+            bias_corrections2=[1 - beta2**bucket.step], eps=group["eps"],
+        )
+        if bucket.step < self._start(group):
+            return grafted
+        direction = shampoo_direction(stacks["exp_avg"], stacks["root_left"], stacks["root_right"],
+                                      matmul_dtype=MATMUL_DTYPES[group["matmul_dtype"]])
+        return direction if group["grafting"] == "none" else graft(direction, grafted)
+
+
+class Soap(_KroneckerOptimizer):
+    r"""SOAP: Adam in the eigenbasis of Shampoo's factors (Vyas et al. 2024, Algorithm 3).
+
+    For a block with gradient :math:`G` at step :math:`t` (math in fp32, factors and bases in
+    ``preconditioner_dtype``):
+
+    .. math::
+        \begin{aligned}
+        & L \leftarrow \beta_s L + (1-\beta_s) GG^\top,\; R \leftarrow \beta_s R + (1-\beta_s) G^\top G
+            && \text{Alg. 3, l. 11-12} \\
+        & Q_L, Q_R \leftarrow \operatorname{eigh}(L), \operatorname{eigh}(R) \text{ at } t = 1; \text{ every
+            precondition\_frequency steps: one power-iteration + QR step (Alg. 4), } v \text{ permuted} \\
+        & G' = Q_L^\top G Q_R; \; m' \leftarrow \beta_1 m' + (1-\beta_1) G';\; v \leftarrow \beta_2 v + (1-\beta_2) G'^2
+            && \text{Alg. 3, l. 5-7} \\
+        & X \leftarrow X(1-\gamma\lambda);\; X \leftarrow X - \gamma\, Q_L \frac{m'/(1-\beta_1^t)}
+            {\sqrt{v/(1-\beta_2^t)} + \epsilon} Q_R^\top && \text{l. 8-10}
+        \end{aligned}
+
+    The first moment is kept in the rotated basis and re-projected exactly when the basis changes
+    (:math:`m' \leftarrow Q_L'^\top Q_L m' Q_R^\top Q_R'`), which equals the paper's rotation of a first moment
+    kept in the original basis. Differences from the reference code, each by one step: the factors take the
+    current gradient before a refresh (so a refreshed basis is used at once), and step 1 updates the parameters
+    (the reference only initialises). Parameters of order 1 after merging take Adam.
+
+    Args:
+        params, lr, betas (:math:`\beta_1, \beta_2` of Adam), eps, weight_decay (decoupled): as AdamW.
+        shampoo_beta: :math:`\beta_s` of the factors' EMA (the paper: 0.95).
+        max_preconditioner_dim, precondition_frequency, preconditioner_dtype, stagger_recompute, nonfinite: as
+            :class:`Shampoo`.
+        matmul_dtype: ``"float32"`` or ``"bfloat16"`` for the factor products :math:`GG^\top, G^\top G` only; the
+            rotations into and out of the eigenbasis stay fp32 (Adam divides each rotated coordinate by its own
+            scale, so bf16 noise on near-zero coordinates would turn into full-size updates).
+        eigenbasis_update: ``"qr"`` (Alg. 4, one power-iteration step, the default) or ``"eigh"`` (a full
+            eigendecomposition at each refresh).
+
+    State per matrix parameter (lists with one tensor per block): ``exp_avg`` (rotated), ``exp_avg_sq``
+    (rotated), ``factor_left``, ``factor_right``, ``basis_left``, ``basis_right`` and ``preconditioner_failures``.
+    """
+
+    name = "Soap"
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 3e-3,
+        betas: tuple[float, float] = (0.95, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        shampoo_beta: float = 0.95,
+        max_preconditioner_dim: int = 1024,
+        precondition_frequency: int = 10,
+        eigenbasis_update: str = "qr",
+        preconditioner_dtype: str = "float32",
+        matmul_dtype: str = "float32",
+        stagger_recompute: bool = True,
+        nonfinite: str = "skip",
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, shampoo_beta=shampoo_beta,
+            max_preconditioner_dim=max_preconditioner_dim, precondition_frequency=precondition_frequency,
+            eigenbasis_update=eigenbasis_update, preconditioner_dtype=preconditioner_dtype,
+            matmul_dtype=matmul_dtype, stagger_recompute=stagger_recompute, nonfinite=nonfinite, nonfinite_skips=0,
+        )
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def _check_hyperparameters(hyperparameters: dict[str, Any], where: str) -> None:
+        _KroneckerOptimizer._check_hyperparameters(hyperparameters, where)
+        update = hyperparameters["eigenbasis_update"]
+        require(update in EIGENBASIS_UPDATES, where, "eigenbasis_update", update,
+                f"expected one of {EIGENBASIS_UPDATES}")
+
+    def _init_block_state(self, rows, cols, device, dtype, group):
+        precond = PRECONDITIONER_DTYPES[group["preconditioner_dtype"]]
+        return dict(
+            exp_avg=torch.zeros(rows, cols, dtype=dtype, device=device),
+            exp_avg_sq=torch.zeros(rows, cols, dtype=dtype, device=device),
+            factor_left=torch.zeros(rows, rows, dtype=precond, device=device),
+            factor_right=torch.zeros(cols, cols, dtype=precond, device=device),
+            basis_left=torch.eye(rows, dtype=precond, device=device),
+            basis_right=torch.eye(cols, dtype=precond, device=device),
+            preconditioner_failures=torch.zeros((), dtype=torch.int64, device=device),
+        )
+
+    def _diagonal_grafting(self, group):
+        return "adam"
+
+    def _accumulate(self, bucket, grads, group):
+        update_factors(grads, bucket.stacks["factor_left"], bucket.stacks["factor_right"],
+                       beta=group["shampoo_beta"], matmul_dtype=MATMUL_DTYPES[group["matmul_dtype"]])
+
+    def _recompute_selection(self, bucket, group):
+        return recompute_selection(bucket.step, len(bucket), frequency=group["precondition_frequency"], start=1,
+                                   stagger=group["stagger_recompute"])
+
+    def _candidates(self, bucket, group, blocks):
+        results = []
+        for side in ("left", "right"):
+            factors = bucket.stacks[f"factor_{side}"][blocks]
+            if bucket.step == 1 or group["eigenbasis_update"] == "eigh":
+                bases, ok = eigenbasis(factors)
+                order = torch.arange(factors.shape[-1], device=factors.device).expand(factors.shape[:-1])
+            else:
+                bases, order, ok = refresh_eigenbasis(factors, bucket.stacks[f"basis_{side}"][blocks])
+            results += [bases, order.to(bases.dtype), ok.to(bases.dtype)]
+        return tuple(results)
+
+    def _accept(self, bucket, group, blocks, results):
+        stacks = bucket.stacks
+        exp_avg_sq = stacks["exp_avg_sq"][blocks]
+        old_bases = {side: stacks[f"basis_{side}"][blocks].clone() for side in ("left", "right")}
+        oks = []
+        # The left basis orders the rows of v, the right one its columns.
+        for (side, dim, spread), (bases, order, ok) in zip((("left", -2, -1), ("right", -1, -2)),
+                                                           (results[:3], results[3:])):
+            _keep_previous(stacks[f"basis_{side}"][blocks], bases, ok)
+            identity = torch.arange(order.shape[-1], device=order.device).expand(order.shape)
+            order = torch.where((ok > 0.5).unsqueeze(-1), order.round().long(), identity)
+            index = order.unsqueeze(spread).expand_as(exp_avg_sq)
+            exp_avg_sq.copy_(exp_avg_sq.gather(dim, index))
+            oks.append(ok > 0.5)
+        # m' <- (Q_L'^T Q_L) m' (Q_R^T Q_R'): the rotated first moment in the new bases.
+        left_change = old_bases["left"].mT.matmul(stacks["basis_left"][blocks]).mT
+        right_change = old_bases["right"].mT.matmul(stacks["basis_right"][blocks])
+        exp_avg = stacks["exp_avg"][blocks]
+        exp_avg.copy_((left_change @ exp_avg.to(left_change.dtype) @ right_change).to(exp_avg.dtype))
+        stacks["preconditioner_failures"][blocks] += (~(oks[0] & oks[1])).to(torch.int64)
+
+    def _direction(self, bucket, grads, group):
+        stacks = bucket.stacks
+        beta1, beta2 = group["betas"]
+        # Rotations stay in fp32 whatever matmul_dtype says: Adam normalises each rotated coordinate, so bf16
+        # rounding noise on the near-zero ones would become full-size updates.
+        matmul = torch.float32
+        rotated = rotate(grads, stacks["basis_left"], stacks["basis_right"], matmul)
+        update_moments([rotated], [stacks["exp_avg"]], [stacks["exp_avg_sq"]], beta1=beta1, beta2=beta2, rule="ema")
+        (adam,) = elementwise_directions([stacks["exp_avg"]], [stacks["exp_avg_sq"]], grafting="adam",
+                                         bias_corrections2=[1 - beta2**bucket.step], eps=group["eps"])
+        return rotate_back(adam, stacks["basis_left"], stacks["basis_right"], matmul)

@@ -1,0 +1,101 @@
+"""Under DDP (2 gloo processes on the CPU) Shampoo and SOAP split the preconditioner work across the ranks and
+still give the single-process result.
+
+Both ranks see the same batch, so DDP's averaged gradient ((g + g) / 2) is exactly the single process's; the
+difference left comes from the work split (each rank decomposes its share of the due blocks, one all_reduce of
+zero-padded results shares them): a batched decomposition or matmul over fewer blocks may round differently in the
+last bit (MKL picks kernels by batch size), hence the tolerance.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from hf_colossal.registry import build_optimizer
+
+OPTIONS = {
+    "shampoo": dict(lr=1e-2, weight_decay=0.01,
+                    options="max_preconditioner_dim=8,precondition_frequency=2,preconditioner_eps=1e-6"),
+    "soap": dict(lr=1e-2, weight_decay=0.01, betas=(0.9, 0.95), options="max_preconditioner_dim=8,precondition_frequency=2"),
+}
+STEPS, BATCH = 6, 16
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.LayerNorm(32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
+
+
+def _batches():
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(BATCH, 12, generator=generator), torch.randint(0, 3, (BATCH,), generator=generator))
+            for _ in range(STEPS)]
+
+
+def _count_computed_blocks(optimizer):
+    """Wrap the optimizer's preconditioner computation to count the blocks this process computes."""
+    counted = {"blocks": 0}
+    compute = optimizer._candidates
+
+    def candidates(bucket, group, blocks):
+        counted["blocks"] += bucket.stacks["factor_left"][blocks].shape[0]
+        return compute(bucket, group, blocks)
+
+    optimizer._candidates = candidates
+    return counted
+
+
+def _train(model, optimizer, batches):
+    for inputs, targets in batches:
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(inputs), targets).backward()
+        optimizer.step()
+
+
+def _worker(rank, world_size, port, folder):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        for name in OPTIONS:
+            model = _model()
+            optimizer = build_optimizer(name, model, **OPTIONS[name])
+            counted = _count_computed_blocks(optimizer)
+            ddp = DistributedDataParallel(model)
+            _train(ddp, optimizer, _batches())
+            (folder / f"{name}_blocks{rank}.json").write_text(json.dumps(counted["blocks"]))
+            if rank == 0:
+                torch.save([p.detach() for p in model.parameters()], folder / f"{name}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    """Both optimizers trained under DDP in one pair of spawned processes (start-up is most of the cost)."""
+    folder = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(2, 29650, folder), nprocs=2, join=True)
+    return folder
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_ddp_splits_the_work_and_matches_single_process(name, ddp_results):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers: the same summation order in every kernel
+    try:
+        reference = _model()
+        optimizer = build_optimizer(name, reference, **OPTIONS[name])
+        counted = _count_computed_blocks(optimizer)
+        _train(reference, optimizer, _batches())
+    finally:
+        torch.set_num_threads(threads)
+    for got, expected in zip(torch.load(ddp_results / f"{name}.pt"), reference.parameters()):
+        torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=2e-6)
+    per_rank = [json.loads((ddp_results / f"{name}_blocks{rank}.json").read_text()) for rank in range(2)]
+    assert sum(per_rank) == counted["blocks"] > 0
+    assert max(per_rank) <= counted["blocks"] * 0.6  # each rank computed about half

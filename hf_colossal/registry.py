@@ -17,6 +17,8 @@ from torch import nn
 from .config import OptionsError
 from .optim import Kfac, Lamb, Lars, Shampoo, Soap
 from .optim.configs import KfacConfig, LambConfig, LarsConfig, OptimizerConfig, ShampooConfig, SoapConfig
+from .optim.configs import HessianFreeConfig
+from .optim.hessian_free import HessianFree
 
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
@@ -227,5 +229,24 @@ register(
         capabilities=Capabilities(limits=_WHOLE_MATRICES),
         summary="Adam in the eigenbasis of Shampoo's factors",
         reference="Vyas et al. 2024, arXiv:2409.11321, Alg. 3",
+    )
+)
+register(
+    OptimizerSpec(
+        name="hessian_free",
+        optimizer_cls=HessianFree,
+        config_cls=HessianFreeConfig,
+        hyperparameters=("lr", "weight_decay"),
+        capabilities=Capabilities(
+            needs_model=True,
+            ddp=False,
+            limits=(
+                "needs the batch at each step: use hf_colossal.integrations.transformers.HessianFreeTrainer (or "
+                "HessianFreeTrainerMixin); one process, no gradient accumulation; losses with a Gauss-Newton form "
+                "only (cross_entropy, mse, sigmoid_bce); --learning_rate is unused."
+            ),
+        ),
+        summary="Hessian-free: Gauss-Newton CG steps, LM damping, line search",
+        reference="Martens 2010, ICML, Sec. 4; Martens & Sutskever 2012",
     )
 )

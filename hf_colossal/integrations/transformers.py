@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextvars import ContextVar
 from functools import partial
 from types import ModuleType
 from typing import Any
@@ -34,6 +35,19 @@ from ..registry import _REGISTRY, OptimizerSpec, find_optimizer_spec
 logger = logging.getLogger(__name__)
 
 _ENV_TRUE = ("1", "true", "yes")
+
+#: Optimizers that need the batch at each step (the stock Trainer calls ``step()`` without one), with the error
+#: that building them through the stock Trainer raises. Their Trainer sets ``_BATCH_TRAINER`` while it builds.
+BATCH_OPTIMIZERS = {
+    "hessian_free": (
+        "optim='hessian_free' needs the batch at every step (Hessian-free evaluates the loss and Gauss-Newton "
+        "products several times per step), which the stock transformers Trainer never passes to the optimizer. Use "
+        "hf_colossal.integrations.transformers.HessianFreeTrainer in place of Trainer, or, for your own Trainer "
+        "subclass (e.g. TRL's), mix HessianFreeTrainerMixin in first: "
+        "class MyTrainer(HessianFreeTrainerMixin, MyBaseTrainer). The arguments stay the same."
+    ),
+}
+_BATCH_TRAINER: ContextVar[bool] = ContextVar("hf_colossal_batch_trainer", default=False)
 
 
 def _enum_member_name(name: str) -> str:
@@ -131,6 +145,8 @@ def optimizer_cls_and_kwargs(spec: OptimizerSpec, args: Any, model: Any) -> tupl
     (:class:`OptimizerWithModel`) that Trainer calls with them."""
     config = spec.parse_options(args.optim_args)
     check_parallelism(spec, args)
+    if spec.name in BATCH_OPTIMIZERS and not _BATCH_TRAINER.get():
+        raise ValueError(BATCH_OPTIMIZERS[spec.name])
     kwargs = hyperparameters_from_args(spec, args)
     kwargs.pop("weight_decay", None)  # carried per group
     kwargs.update(config.optimizer_kwargs())
@@ -200,3 +216,184 @@ def register_log_contributions(trainer_module: ModuleType) -> None:
     log._hf_colossal = True  # type: ignore[attr-defined]
     log.__wrapped__ = original  # type: ignore[attr-defined]
     cls.log = log
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# optim="hessian_free": a Trainer whose training step hands the optimizer the batch
+
+
+def hessian_free_optimizer(optimizer: Any) -> Any:
+    """The :class:`~hf_colossal.optim.HessianFree` inside Trainer's optimizer (accelerate wraps it), or None."""
+    from ..optim.hessian_free import HessianFree
+
+    for _ in range(4):
+        if isinstance(optimizer, HessianFree):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+        if optimizer is None:
+            return None
+    return None
+
+
+_PROBLEM_TYPES = {"single_label_classification": "cross_entropy", "regression": "mse",
+                  "multi_label_classification": "sigmoid_bce"}
+_GENERATIVE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForSeq2SeqLM")
+_CLASSIFIER_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForImageClassification",
+                        "ForAudioClassification", "ForMultipleChoice")
+
+
+def hessian_free_loss_kind(model: Any, labels: Any, option: str) -> str:
+    """The loss of the model's outputs that ``optim="hessian_free"`` minimises: ``optim_args loss=...``, else the
+    model's ``hessian_free_loss`` attribute, else what transformers' classification heads compute (from
+    ``config.problem_type``, or ``num_labels`` and the label dtype as they decide)."""
+    if option != "auto":
+        return option
+    declared = getattr(model, "hessian_free_loss", None)
+    if declared:
+        return str(declared)
+    name = type(model).__name__
+    if name.endswith(_GENERATIVE_SUFFIXES):
+        raise ValueError(
+            f"optim='hessian_free' does not support {name}: generative models compute their loss on shifted or "
+            "sampled tokens inside forward, which the Gauss-Newton products here do not model. Supported: outputs "
+            "(logits) with cross_entropy, mse or sigmoid_bce against the labels (classification, regression, "
+            "reconstruction); set optim_args loss=... or a `hessian_free_loss` attribute for a custom model."
+        )
+    config = getattr(model, "config", None)
+    problem_type = getattr(config, "problem_type", None)
+    if problem_type in _PROBLEM_TYPES:
+        return _PROBLEM_TYPES[problem_type]
+    if name.endswith(_CLASSIFIER_SUFFIXES):
+        import torch
+
+        if getattr(config, "num_labels", None) == 1:
+            return "mse"
+        if labels is not None and labels.dtype in (torch.long, torch.int, torch.int16, torch.uint8):
+            return "cross_entropy"
+        return "sigmoid_bce"
+    raise ValueError(
+        f"optim='hessian_free' cannot tell the loss of {name}'s outputs: set optim_args loss=cross_entropy|mse|"
+        "sigmoid_bce (the loss of the model's `logits` against the labels), or give the model a "
+        "`hessian_free_loss` attribute. Losses without a Gauss-Newton form (sampled, contrastive, generative) are "
+        "not supported."
+    )
+
+
+def hessian_free_batch(model: Any, inputs: dict[str, Any], option: str, label_names: list[str] | None = None) -> Any:
+    """A :class:`~hf_colossal.optim.HessianFreeBatch` from a Trainer batch: the model called on the inputs without
+    the labels, its ``logits`` as the outputs, the labels as the targets."""
+    from ..optim.hessian_free import HessianFreeBatch
+
+    names = list(label_names or ["labels"])
+    if len(names) != 1:
+        raise ValueError(f"optim='hessian_free' needs exactly one label column, got label_names={names}")
+    if names[0] not in inputs:
+        raise ValueError(f"optim='hessian_free' needs the targets in the batch under {names[0]!r} (keys: "
+                         f"{sorted(inputs)})")
+    labels = inputs[names[0]]
+    kwargs = {k: v for k, v in inputs.items() if k != names[0]}
+    return HessianFreeBatch(targets=labels, loss=hessian_free_loss_kind(model, labels, option), kwargs=kwargs)
+
+
+class HessianFreeTrainerMixin:
+    """Mix into a transformers ``Trainer`` (first in the bases) to train with ``optim="hessian_free"``.
+
+    Its ``training_step`` gives the optimizer the batch (the model's forward as a function of the parameters via
+    ``torch.func.functional_call``, the labels and the loss's form) through ``HessianFree.prepare``, which
+    evaluates the loss and the gradient (also written to ``.grad``, so Trainer's grad-norm log works); Trainer's
+    own ``optimizer.step()`` then runs the Hessian-free step. With any other ``optim`` it changes nothing.
+
+    Refused with a clear error: gradient accumulation > 1 (a step needs the whole batch at once), more than one
+    process (DDP: the CG products would need an all-reduce per iteration; not implemented), label smoothing,
+    ``compute_loss_func``; and, checked on the first step, a model whose own loss differs from the declared loss of
+    its ``logits`` (a custom loss). ``max_grad_norm`` clips only the logged ``.grad``; mixed-precision autocast is
+    not applied to the optimizer's evaluations (they run in the parameters' dtype). Logs ``hf_damping``,
+    ``hf_cg_iters``, ``hf_rho`` and ``hf_alpha`` with the loss.
+    """
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
+        token = _BATCH_TRAINER.set(True)
+        try:
+            return super().create_optimizer(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            _BATCH_TRAINER.reset(token)
+
+    def _check_hessian_free_setup(self) -> None:
+        args = self.args  # type: ignore[attr-defined]
+        problems = []
+        if args.gradient_accumulation_steps != 1:
+            problems.append(f"gradient_accumulation_steps={args.gradient_accumulation_steps} (a Hessian-free step "
+                            "needs the whole batch at once: raise per_device_train_batch_size instead)")
+        if args.world_size > 1:
+            problems.append(f"{args.world_size} processes (DDP is not supported: train on one device)")
+        if getattr(args, "label_smoothing_factor", 0.0):
+            problems.append("label_smoothing_factor > 0 (the smoothed loss is not the declared loss)")
+        if getattr(self, "compute_loss_func", None) is not None:
+            problems.append("compute_loss_func (a custom loss has no known Gauss-Newton form; declare one of "
+                            "cross_entropy|mse|sigmoid_bce through optim_args loss=... and drop compute_loss_func)")
+        if problems:
+            raise ValueError("optim='hessian_free' does not support " + "; ".join(problems))
+
+    def _check_hessian_free_loss(self, model: Any, inputs: dict[str, Any], batch: Any) -> None:
+        """Once: the model's own loss (Trainer's compute_loss, eval mode) equals the declared loss of its logits."""
+        import torch
+
+        from ..optim.hessian_free import batch_loss_normalizer, per_example_losses
+
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                reference = self.compute_loss(model, inputs)  # type: ignore[attr-defined]
+                outputs = batch.select(model(*batch.args, **batch.kwargs))
+                normalizer = batch_loss_normalizer(batch.loss, outputs, batch.targets, batch.ignore_index)
+                ours = per_example_losses(batch.loss, outputs, batch.targets, normalizer, batch.ignore_index).sum()
+        finally:
+            model.train(was_training)
+        if not torch.allclose(reference.detach().float(), ours.float(), rtol=1e-3, atol=1e-5):
+            raise ValueError(
+                f"optim='hessian_free': the model's loss ({float(reference):.6g}) is not the {batch.loss} of its "
+                f"logits against the labels ({float(ours):.6g}); Hessian-free needs the loss's Gauss-Newton form. "
+                "Set optim_args loss=cross_entropy|mse|sigmoid_bce to the loss the model computes, or use another "
+                "optimizer for a loss without that form."
+            )
+
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None, *args: Any,
+                      **kwargs: Any) -> Any:
+        optimizer = hessian_free_optimizer(getattr(self, "optimizer", None))
+        if optimizer is None:
+            return super().training_step(model, inputs, num_items_in_batch, *args, **kwargs)  # type: ignore[misc]
+        self._check_hessian_free_setup()
+        model.train()
+        inputs = self._prepare_inputs(inputs)  # type: ignore[attr-defined]
+        batch = hessian_free_batch(optimizer.model, inputs, optimizer.settings["loss"],
+                                   getattr(self, "label_names", None))
+        if not getattr(self, "_hessian_free_loss_checked", False):
+            self._check_hessian_free_loss(model, inputs, batch)
+            self._hessian_free_loss_checked = True
+        return optimizer.prepare(batch).detach()
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        optimizer = hessian_free_optimizer(getattr(self, "optimizer", None))
+        if optimizer is not None and "loss" in logs and optimizer.last_step:
+            last = optimizer.last_step
+            extra = {"hf_damping": optimizer.damping, "hf_cg_iters": last.get("cg_iters", 0),
+                     "hf_rho": last.get("rho"), "hf_alpha": last.get("alpha")}
+            logs.update({k: float(v) for k, v in extra.items() if isinstance(v, (int, float)) and abs(v) != float("inf")
+                         and v == v})
+        super().log(logs, *args, **kwargs)  # type: ignore[misc]
+
+
+def __getattr__(name: str) -> Any:
+    """``HessianFreeTrainer`` (``HessianFreeTrainerMixin`` + ``transformers.Trainer``), built on first access so
+    importing this module does not import transformers."""
+    if name == "HessianFreeTrainer":
+        from transformers import Trainer
+
+        cls = type("HessianFreeTrainer", (HessianFreeTrainerMixin, Trainer), {
+            "__module__": __name__,
+            "__doc__": "transformers.Trainer with HessianFreeTrainerMixin: use with optim='hessian_free'.",
+        })
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

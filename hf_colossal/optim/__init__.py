@@ -4,9 +4,10 @@ Both are ``torch.optim.Optimizer`` subclasses with a multi-tensor (``torch._fore
 functional cores are :func:`hf_colossal.optim.lamb.lamb` and :func:`hf_colossal.optim.lars.lars`.
 """
 
+from .hessian_free import HessianFree, HessianFreeBatch
 from .kfac import Kfac
 from .lamb import Lamb
 from .lars import Lars
 from .shampoo import Shampoo, Soap
 
-__all__ = ["Kfac", "Lamb", "Lars", "Shampoo", "Soap"]
+__all__ = ["HessianFree", "HessianFreeBatch", "Kfac", "Lamb", "Lars", "Shampoo", "Soap"]

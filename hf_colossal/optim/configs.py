@@ -147,8 +147,12 @@ class ShampooConfig(OptimizerConfig):
     grafting: Literal["adam", "adagrad", "rmsprop", "sgd", "none"] = _opt("adam", "per-block norm of the update from")
     decoupled_weight_decay: bool = _opt(True, "AdamW-style decay (true) or L2 added to the gradient (false)")
     exponent_override: int | None = _opt(None, "root p of the factors' X^(-1/p); none = 4 (2 x matrix order)")
-    preconditioner_dtype: Literal["float32", "float64"] = _opt("float32", "dtype of factors, eigh and roots")
-    matmul_dtype: Literal["float32", "bfloat16"] = _opt("float32", "input dtype of the per-step matrix products")
+    preconditioner_dtype: Literal["float32", "float64"] = _opt("float32", "dtype of factors, root computations, roots")
+    matmul_dtype: Literal["tfloat32", "float32", "bfloat16"] = _opt(
+        "tfloat32", "precision of the per-step products (TF32 on CUDA, true fp32, or bf16 inputs); roots stay fp32"
+    )
+    root_inverse: Literal["newton", "eigh"] = _opt("newton", "inverse roots by coupled Newton (matmuls) or eigh")
+    newton_iterations: int = _opt(20, "fixed iteration count of root_inverse=newton")
     stagger_recompute: bool = _opt(True, "spread the root recomputations over the frequency's steps")
     nonfinite: Literal["skip", "error", "apply"] = _opt("skip", "on inf/NaN grads: skip the step, raise, or apply")
 
@@ -166,6 +170,43 @@ class SoapConfig(OptimizerConfig):
     shampoo_beta: float = _opt(0.95, "EMA coefficient of the Kronecker factors")
     eigenbasis_update: Literal["qr", "eigh"] = _opt("qr", "refresh by one power-iteration + QR step, or full eigh")
     preconditioner_dtype: Literal["float32", "float64"] = _opt("float32", "dtype of factors, eigh/QR and bases")
-    matmul_dtype: Literal["float32", "bfloat16"] = _opt("float32", "input dtype of the factor products (rotations: fp32)")
+    matmul_dtype: Literal["tfloat32", "float32", "bfloat16"] = _opt(
+        "tfloat32", "precision of the factor products (TF32 on CUDA, fp32, bf16); rotations stay true fp32"
+    )
     stagger_recompute: bool = _opt(True, "spread the eigenbasis refreshes over the frequency's steps")
     nonfinite: Literal["skip", "error", "apply"] = _opt("skip", "on inf/NaN grads: skip the step, raise, or apply")
+
+
+@dataclasses.dataclass(frozen=True)
+class HessianFreeConfig(OptimizerConfig):
+    """``optim_args`` for ``optim="hessian_free"`` (Martens 2010; Martens & Sutskever 2012 Sec. 8.8).
+
+    There is no learning rate: ``--learning_rate`` (and the scheduler) is accepted and **unused**; the step length
+    comes from the damping and the line search. ``--weight_decay`` is an L2 term of the objective (exact in the
+    quadratic model). ``no_adapt`` has no effect. Needs ``HessianFreeTrainer`` (or ``HessianFreeTrainerMixin``).
+    """
+
+    subject: ClassVar[str] = 'optim="hessian_free"'
+    reserved_keys: ClassVar[dict[str, str]] = {"lr": _LR, "learning_rate": _LR, "weight_decay": _WD}
+
+    damping: float = _opt(1.0, "initial Levenberg-Marquardt lambda (adapted: x3/2 if rho<1/4, x2/3 if rho>3/4)")
+    damping_increase: float = _opt(1.5, "damping factor when rho < 1/4 (Martens 2010 Sec. 4.1)")
+    damping_decrease: float = _opt(2.0 / 3.0, "damping factor when rho > 3/4")
+    min_damping: float = _opt(1e-6, "lower bound of the damping")
+    max_damping: float = _opt(1e6, "upper bound of the damping")
+    cg_max_iters: int = _opt(250, "most CG iterations per step")
+    cg_tolerance: float = _opt(5e-4, "epsilon of Martens' relative-progress CG stopping rule (Sec. 4.4)")
+    cg_decay: float = _opt(0.95, "CG starts from this times the previous solution (Sec. 4.5; 0 = from zero)")
+    backtrack_gamma: float = _opt(1.3, "CG iterates kept at ceil(gamma^j) for backtracking (Sec. 4.6)")
+    curvature_batch_fraction: float = _opt(1.0, "curvature mini-batch as a fraction of the gradient batch (Sec. 4.3)")
+    preconditioner: Literal["martens", "none"] = _opt("martens", "diag(mean per-example grad^2)+lambda)^0.75 or none")
+    preconditioner_exponent: float = _opt(0.75, "exponent xi of the preconditioner (Sec. 4.7)")
+    per_example_chunk: int = _opt(256, "examples per vmap chunk of the preconditioner's per-example gradients")
+    line_search: bool = _opt(True, "Armijo backtracking line search on the CG step")
+    armijo_c: float = _opt(1e-2, "sufficient-decrease constant of the line search")
+    line_search_shrink: float = _opt(0.8, "step shrink factor of the line search")
+    line_search_max_trials: int = _opt(20, "line-search trials before the step is rejected")
+    nonfinite_damping_factor: float = _opt(10.0, "damping factor after a step with non-finite loss/direction")
+    loss: Literal["auto", "cross_entropy", "mse", "sigmoid_bce"] = _opt(
+        "auto", "loss of the model's logits/outputs (auto: from the model's config or hessian_free_loss)"
+    )

@@ -16,7 +16,8 @@ nonfinite=apply; the fused LARS 28 B/param), so the fraction compares implementa
 optimizers forced onto the torch._foreach_* path (fused=False).
 
 Shampoo / SOAP (names ending in _f10 / _f100: preconditioners recomputed every 10 / 100 steps, blocks of 1024):
-ours ("shampoo_*", "soap_*"; "_bf16" = matmul_dtype=bfloat16), pytorch-optimizer's SOAP ("po_soap") and Meta's
+ours ("shampoo_*", "soap_*"; suffixes "_bf16" / "_fp32" = matmul_dtype=bfloat16 / float32 instead of the default
+tfloat32, "_eigh" = root_inverse=eigh instead of newton, e.g. "shampoo_f10_eigh_fp32"), pytorch-optimizer's SOAP ("po_soap") and Meta's
 distributed_shampoo ("meta_*", imported from the folder in $HF_COLOSSAL_PEERS, e.g. a checkout's root, with the
 settings of ../shared/bench/anchor_steps.py). Their timing starts after the first preconditioned step (warm-up
 f + 5 steps) and runs over a whole number of recompute periods (60 steps for f10, 200 for f100), so the reported
@@ -44,11 +45,18 @@ BYTES_PER_PARAM = {"adamw_fused": 28, "lamb": 28, "lamb_apply": 28, "lamb_foreac
                    **{name: 28 for name in SECOND_ORDER}}
 
 
+SUFFIX_OPTIONS = {"bf16": "matmul_dtype=bfloat16", "fp32": "matmul_dtype=float32", "eigh": "root_inverse=eigh"}
+
+
+def is_second_order(name):
+    return name in SECOND_ORDER or name.startswith(("shampoo_f", "soap_f"))
+
+
 def recompute_frequency(name):
     """10 or 100 for the Shampoo/SOAP names (po_soap: 10), None for the others."""
     if name == "po_soap":
         return 10
-    if name in SECOND_ORDER:
+    if is_second_order(name):
         return int(name.split("_f")[1].split("_")[0])
     return None
 
@@ -71,8 +79,8 @@ def build(name, model):
         return hf_colossal.build_optimizer("lars", model, lr=1e-3, weight_decay=1e-4)
     if name.startswith(("shampoo_", "soap_")):
         options = f"precondition_frequency={recompute_frequency(name)}"
-        if name.endswith("_bf16"):
-            options += ",matmul_dtype=bfloat16"
+        for suffix in name.split("_")[2:]:
+            options += "," + SUFFIX_OPTIONS[suffix]
         return hf_colossal.build_optimizer(name.split("_")[0], model, lr=1e-4, weight_decay=0.01, options=options)
     if name.startswith("meta_"):
         return build_meta(name, params)
@@ -243,10 +251,11 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     adamw = rows.get("adamw_fused")
     for name, r in rows.items():
-        baseline = rows.get("sgd_foreach" if BYTES_PER_PARAM[name] == 16 else "adamw_fused")
+        bytes_per_param = BYTES_PER_PARAM.get(name, 28)
+        baseline = rows.get("sgd_foreach" if bytes_per_param == 16 else "adamw_fused")
         ratio = r["opt_ms_mean"] / baseline["opt_ms_mean"] if baseline else float("nan")
         step_ratio = r["step_ms_mean"] / adamw["step_ms_mean"] if adamw else float("nan")
-        achieved = BYTES_PER_PARAM[name] * r["params_M"] * 1e6 / (r["opt_ms_mean"] / 1e3) / 1e12
+        achieved = bytes_per_param * r["params_M"] * 1e6 / (r["opt_ms_mean"] / 1e3) / 1e12
         print(f"| {name} | {r['step_ms_median']} | {r['step_ms_mean']} | {step_ratio:.2f} | {r['opt_ms_mean']} |"
               f" {ratio:.2f} | {achieved / bandwidth:.2f} | {r['peak_GiB']} |")
 

@@ -52,6 +52,7 @@ from torch.nn import functional as F
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
+from ._precision import fp32_matmul_precision
 from ._foreach import (
     NONFINITE_POLICIES,
     ParamGroup,
@@ -529,13 +530,10 @@ def all_reduce_in_buckets(tensors: list[Tensor], *, average: bool) -> list[Tenso
 
 @contextmanager
 def matmul_precision(precision: str) -> Iterator[None]:
-    """``"high"``: TF32 for K-FAC's own fp32 matmuls on CUDA (statistics, preconditioning); ``"highest"``: fp32."""
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = precision == "high"
-    try:
+    """``"high"``: TF32 for K-FAC's own fp32 matmuls on CUDA (statistics, preconditioning); ``"highest"``: fp32.
+    The caller's setting is restored exactly after the block (:func:`._precision.fp32_matmul_precision`)."""
+    with fp32_matmul_precision("tf32" if precision == "high" else "ieee"):
         yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def refuse_sharded_parameters(params: list[Tensor]) -> None:
@@ -656,6 +654,10 @@ class Kfac(Optimizer):
             conv2d_approximation=conv2d_approximation, embedding=embedding,
         )
         self.step_calls = 0
+        #: Layers preconditioned together (same gradient shape, matrix inverses): ``(version, batches)``, rebuilt
+        #: when the inverses change (``self._inverse_version``).
+        self._inverse_version = 0
+        self._batches: tuple[int, list[tuple[list[KfacLayer], Tensor, Tensor]]] | None = None
         self.factor_updates = 0
         self._hooks = [layer.module.register_forward_hook(partial(self._forward_hook, layer))
                        for layer in self.layers]
@@ -827,26 +829,70 @@ class Kfac(Optimizer):
                     state[f"kfac_{which}_scales"] = results[1][index]
                 else:
                     state[f"kfac_{which}_inv"] = results[0][index]
+        self._inverse_version += 1
 
     def _inverse(self, state: dict[str, Any], which: str) -> Any:
         if f"kfac_{which}_inv" in state:
             return state[f"kfac_{which}_inv"]
         return state[f"kfac_{which}_eigenvectors"], state[f"kfac_{which}_scales"]
 
+    def _batched_layers(self) -> list[tuple[list[KfacLayer], Tensor, Tensor]]:
+        """Layers with matrix inverses of both factors grouped by gradient shape, each group with its inverses
+        stacked (``(B, d_G, d_G)``, ``(B, d_A, d_A)``). Built once per inverse update: the layers' state then holds
+        views of the stacks (no second copy), so a step preconditions a group with two batched products."""
+        if self._batches is not None and self._batches[0] == self._inverse_version:
+            return self._batches[1]
+        by_shape: dict[tuple[int, int, torch.device, torch.dtype], list[KfacLayer]] = {}
+        for layer in self.layers:
+            state = self.state[layer.weight]
+            g_inv, a_inv = state.get("kfac_g_inv"), state.get("kfac_a_inv")
+            if g_inv is None or a_inv is None or a_inv.dim() != 2:
+                continue
+            key = (g_inv.shape[0], a_inv.shape[0], g_inv.device, g_inv.dtype)
+            by_shape.setdefault(key, []).append(layer)
+        batches = []
+        for layers in by_shape.values():
+            if len(layers) < 2:
+                continue
+            stacks = []
+            for which in ("g", "a"):
+                stack = torch.stack([self.state[layer.weight][f"kfac_{which}_inv"] for layer in layers])
+                for layer, view in zip(layers, stack.unbind(0)):
+                    self.state[layer.weight][f"kfac_{which}_inv"] = view
+                stacks.append(stack)
+            batches.append((layers, stacks[0], stacks[1]))
+        self._batches = (self._inverse_version, batches)
+        return batches
+
     def _preconditioned_directions(self) -> dict[int, Tensor]:
         """``{id(param): preconditioned direction}`` for the parameters of layers with inverses and gradients,
-        KL-clipped together."""
+        KL-clipped together. Layers of equal shape with matrix inverses take one batched product per side."""
         directions: dict[int, Tensor] = {}
         inner_products: list[Tensor] = []
         lr_of = {id(p): group["lr"] for group in self.param_groups for p in group["params"]}
+        kl_clip = self.settings["kl_clip"] is not None
+        batched: set[int] = set()
+        for layers, g_inverses, a_inverses in self._batched_layers():
+            if any(p.grad is None for layer in layers for p in layer.params):
+                continue  # rare (a layer without a gradient this step): the per-layer path below
+            grads = torch.stack([layer.grad_matrix() for layer in layers])
+            preconditioned = torch.bmm(torch.bmm(g_inverses, grads), a_inverses)
+            if kl_clip:
+                lrs = torch.tensor([lr_of[id(layer.weight)] ** 2 for layer in layers], dtype=grads.dtype,
+                                   device=grads.device)
+                inner_products.append(((preconditioned * grads).sum(dim=(1, 2)) * lrs).sum())
+            for layer, matrix in zip(layers, preconditioned.unbind(0)):
+                for param, direction in zip(layer.params, layer.split(matrix)):
+                    directions[id(param)] = direction
+                batched.add(id(layer))
         for layer in self.layers:
             state = self.state[layer.weight]
-            if any(p.grad is None for p in layer.params) or ("kfac_g_inv" not in state
-                                                            and "kfac_g_eigenvectors" not in state):
+            if id(layer) in batched or any(p.grad is None for p in layer.params) or (
+                    "kfac_g_inv" not in state and "kfac_g_eigenvectors" not in state):
                 continue
             grad = layer.grad_matrix()
             preconditioned = precondition(grad, self._inverse(state, "g"), self._inverse(state, "a"))
-            if self.settings["kl_clip"] is not None:
+            if kl_clip:
                 inner_products.append((preconditioned * grad).sum() * lr_of[id(layer.weight)] ** 2)
             for param, direction in zip(layer.params, layer.split(preconditioned)):
                 directions[id(param)] = direction
@@ -909,6 +955,7 @@ class Kfac(Optimizer):
         restore_state_precision(self, state_dict)
         self.param_groups = [ParamGroup(group) for group in self.param_groups]
         self._nonfinite_skip_counter = None
+        self._inverse_version += 1
         self.step_calls, self.factor_updates = int(counts["step_calls"]), int(counts["factor_updates"])
         for layer in self.layers:
             layer.reset_statistics()

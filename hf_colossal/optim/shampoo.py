@@ -25,6 +25,7 @@ reads one flag per step) and no collective under DDP.
 from __future__ import annotations
 
 import dataclasses
+import math
 from itertools import chain
 from typing import Any
 
@@ -35,6 +36,7 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
 from ._blocks import BlockBucket, block_shape, block_slices, matrix_shape
+from ._precision import fp32_matmul_precision
 from ._foreach import foreach_norms, is_real, math_dtype, nonfinite_policy_allows_step, params_with_grads, require
 
 __all__ = [
@@ -53,7 +55,12 @@ __all__ = [
 
 GRAFTING_TYPES = ("adam", "adagrad", "rmsprop", "sgd", "none")
 PRECONDITIONER_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: Precision of the per-step matrix products (factor updates, applying the roots): true fp32, TF32 tensor cores
+#: on CUDA (fp32 elsewhere), or bf16 inputs; products accumulate in fp32 in all three.
+MATMUL_DTYPES = ("float32", "tfloat32", "bfloat16")
+ROOT_INVERSES = ("newton", "eigh")
+#: The Newton path's ridge is at least this fraction of the factor's Frobenius norm (see newton_inverse_root).
+NEWTON_RELATIVE_FLOOR = 1e-6
 EIGENBASIS_UPDATES = ("qr", "eigh")
 _NONFINITE_POLICIES = ("skip", "error", "apply")
 
@@ -107,17 +114,28 @@ def elementwise_directions(
     return torch._foreach_div(exp_avgs, denominators)
 
 
-def _bmm(left: Tensor, right: Tensor, matmul_dtype: torch.dtype) -> Tensor:
-    """``left @ right``: with bf16 inputs (result in fp32) when ``matmul_dtype`` is bf16, else in the wider of
-    the two dtypes (fp64 factors stay fp64)."""
-    if matmul_dtype == torch.bfloat16:
+def _matmul_dtype_name(matmul_dtype: str | torch.dtype) -> str:
+    """``matmul_dtype`` as its option name; torch dtypes are accepted too (``torch.float32`` is ``"float32"``)."""
+    if isinstance(matmul_dtype, torch.dtype):
+        return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float64: "float32"}[matmul_dtype]
+    return matmul_dtype
+
+
+def _bmm(left: Tensor, right: Tensor, matmul_dtype: str | torch.dtype) -> Tensor:
+    """``left @ right`` in the precision ``matmul_dtype`` names (see :data:`MATMUL_DTYPES`): ``"bfloat16"`` rounds
+    the inputs to bf16 (result in fp32); ``"tfloat32"`` lets CUDA use TF32 tensor cores for fp32 inputs;
+    ``"float32"`` is true fp32 whatever the global setting. Inputs go to the wider of the two dtypes (fp64 factors
+    stay fp64, where TF32 does not apply)."""
+    name = _matmul_dtype_name(matmul_dtype)
+    if name == "bfloat16":
         return torch.matmul(left.bfloat16(), right.bfloat16()).float()
     dtype = torch.promote_types(left.dtype, right.dtype)
-    return torch.matmul(left.to(dtype), right.to(dtype))
+    with fp32_matmul_precision("tf32" if name == "tfloat32" else "ieee"):
+        return torch.matmul(left.to(dtype), right.to(dtype))
 
 
 def update_factors(
-    grads: Tensor, lefts: Tensor, rights: Tensor, *, beta: float, matmul_dtype: torch.dtype = torch.float32
+    grads: Tensor, lefts: Tensor, rights: Tensor, *, beta: float, matmul_dtype: str | torch.dtype = "float32"
 ) -> None:
     r"""Kronecker factors of stacked blocks, in place: :math:`L \leftarrow \beta L + (1-\beta) GG^\top`,
     :math:`R \leftarrow \beta R + (1-\beta) G^\top G`; ``beta=1`` sums (:math:`L \mathrel{+}= GG^\top`, Gupta et al.
@@ -172,8 +190,54 @@ def inverse_root(factors: Tensor, *, root: int, eps: float) -> tuple[Tensor, Ten
     return roots, _finite_blocks(roots)
 
 
+def newton_inverse_root(
+    factors: Tensor, *, root: int, eps: float, iterations: int = 20, relative_floor: float = NEWTON_RELATIVE_FLOOR
+) -> tuple[Tensor, Tensor]:
+    r"""The inverse roots :math:`(A + \epsilon_A I)^{-1/p}` of stacked symmetric PSD factors by the coupled Newton
+    iteration (Guo & Higham 2006, "A Schur-Newton method for the matrix p-th root and its inverse", SIAM J. Matrix
+    Anal. Appl. 28(3), Sec. 3; Anil et al. 2020, Sec. 3; distributed_shampoo's ``_matrix_inverse_root_newton``):
+    matrix products only, one batched product per term for the whole stack, no host synchronisation.
+
+    The ridge is :math:`\epsilon_A = \max(\epsilon, \text{relative\_floor} \cdot \|A\|_F)`: a factor summed in
+    fp32 has round-off eigenvalues of about :math:`\pm 10^{-7} \|A\|_F` in its null space (embedding blocks, early
+    steps), and a negative one makes the iteration diverge (the eigendecomposition path clamps it to 0 instead,
+    then amplifies that noise direction by :math:`\epsilon^{-1/p}`). With :math:`A_\epsilon = A + \epsilon_A I`,
+    :math:`z = (p+1) / (2\|A_\epsilon\|_F)`, :math:`X_0 = z^{1/p} I`, :math:`M_0 = z A_\epsilon` and, for a fixed
+    number of ``iterations``,
+
+    .. math:: T_k = \tfrac{(p+1) I - M_k}{p},\quad X_{k+1} = X_k T_k,\quad M_{k+1} = T_k^p M_k .
+
+    Every iterate is a polynomial in :math:`A`: along an eigenvector with eigenvalue :math:`\lambda`,
+    :math:`m_k = x_k^p \lambda`, :math:`m_0 \in (0, (p+1)/2]`, and :math:`m_{k+1} = m_k ((p+1-m_k)/p)^p \in (0, 1]`
+    rises to 1 (by :math:`((p+1)/p)^p \approx 2.44` per iteration for :math:`p = 4` while small, then
+    quadratically). So :math:`X_k = (A_\epsilon / M_k)^{-1/p}`: a direction that has not converged is damped as if
+    its eigenvalue were :math:`\lambda / m_k > \lambda`, never amplified past the exact root. 20 iterations
+    converge every eigenvalue above the floor (:math:`m_0 \ge 2.5 \cdot 10^{-6}`) to fp32 accuracy.
+
+    Run it in fp32 or fp64, not TF32 (its 5e-4 rounding of :math:`M` would make small eigenvalues negative, and
+    those diverge). Returns the roots (symmetrised) and a bool per block: finite, and
+    :math:`\|M - I\|_F / \sqrt{n} \le 1` (at most 1 in exact arithmetic; more means the iteration diverged, e.g.
+    on a factor that is not PSD). The caller keeps its previous root where it is False.
+    """
+    n = factors.shape[-1]
+    identity = torch.eye(n, dtype=factors.dtype, device=factors.device)
+    ridges = (relative_floor * torch.linalg.matrix_norm(factors)).clamp_min(eps)
+    ridged = factors + ridges[:, None, None] * identity
+    norms = torch.linalg.matrix_norm(ridged).clamp_min(torch.finfo(factors.dtype).tiny)
+    z = ((root + 1) / (2 * norms))[:, None, None]
+    x = identity * z.pow(1.0 / root)
+    m = ridged * z
+    for _ in range(iterations):
+        t = m.mul(-1.0 / root).add_(identity, alpha=(root + 1) / root)
+        x = x @ t
+        m = torch.linalg.matrix_power(t, root) @ m
+    x = (x + x.mT) / 2
+    residual = torch.linalg.matrix_norm(m - identity) / math.sqrt(n)
+    return x, _finite_blocks(x) & (residual <= 1.0)
+
+
 def shampoo_direction(
-    exp_avgs: Tensor, left_roots: Tensor, right_roots: Tensor, *, matmul_dtype: torch.dtype = torch.float32
+    exp_avgs: Tensor, left_roots: Tensor, right_roots: Tensor, *, matmul_dtype: str | torch.dtype = "float32"
 ) -> Tensor:
     r""":math:`L^{-1/p}\, m\, R^{-1/p}` for stacked blocks (Gupta et al. 2018, Alg. 1; Shi et al. 2023, Alg. 1
     line 12 with the filtered gradient :math:`m`), in the dtype of ``exp_avgs``."""
@@ -216,12 +280,12 @@ def refresh_eigenbasis(factors: Tensor, bases: Tensor) -> tuple[Tensor, Tensor, 
     return new_bases, order, _finite_blocks(new_bases)
 
 
-def rotate(x: Tensor, left: Tensor, right: Tensor, matmul_dtype: torch.dtype) -> Tensor:
+def rotate(x: Tensor, left: Tensor, right: Tensor, matmul_dtype: str | torch.dtype) -> Tensor:
     r""":math:`Q_L^\top x\, Q_R` (into the eigenbasis; SOAP Algorithm 3, line 5), in the dtype of ``x``."""
     return _bmm(_bmm(left.mT, x, matmul_dtype), right, matmul_dtype).to(x.dtype)
 
 
-def rotate_back(x: Tensor, left: Tensor, right: Tensor, matmul_dtype: torch.dtype) -> Tensor:
+def rotate_back(x: Tensor, left: Tensor, right: Tensor, matmul_dtype: str | torch.dtype) -> Tensor:
     r""":math:`Q_L\, x\, Q_R^\top` (back from the eigenbasis; SOAP Algorithm 3, line 10), in the dtype of ``x``."""
     return _bmm(_bmm(left, x, matmul_dtype), right.mT, matmul_dtype).to(x.dtype)
 
@@ -527,7 +591,9 @@ class _KroneckerOptimizer(Optimizer):
             group = self.param_groups[bucket.group_index]
             share = -(-len(selection) // world_size)
             owned = selection[rank * share:(rank + 1) * share]
-            computed = self._candidates(bucket, group, _as_slice(owned))
+            # Roots, eigenbases and their products in true fp32 (or fp64), whatever the global TF32 setting.
+            with fp32_matmul_precision("ieee"):
+                computed = self._candidates(bucket, group, _as_slice(owned))
             if world_size == 1:
                 results.append(computed)
                 continue
@@ -545,8 +611,9 @@ class _KroneckerOptimizer(Optimizer):
                 flat = torch.cat([tensor.reshape(-1) for tensor in same])
                 dist.all_reduce(flat)
                 torch._foreach_copy_(same, [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in same]), same)])
-        for (bucket, selection), result in zip(due, results):
-            self._accept(bucket, self.param_groups[bucket.group_index], _as_slice(selection), result)
+        with fp32_matmul_precision("ieee"):
+            for (bucket, selection), result in zip(due, results):
+                self._accept(bucket, self.param_groups[bucket.group_index], _as_slice(selection), result)
 
 
 def _keep_previous(current: Tensor, candidate: Tensor, ok: Tensor) -> None:
@@ -596,9 +663,16 @@ class Shampoo(_KroneckerOptimizer):
         grafting: ``"adam" | "adagrad" | "rmsprop" | "sgd" | "none"``.
         decoupled_weight_decay: AdamW-style decay (True) or L2 added to the gradient (False).
         exponent_override: the root :math:`p` (None: 4).
-        preconditioner_dtype: ``"float32"`` or ``"float64"`` for the factors, the eigendecompositions and roots.
-        matmul_dtype: ``"float32"`` or ``"bfloat16"``: input dtype of the per-step matrix products (factor
-            updates, applying the roots); bf16 is faster on GPUs, the results are accumulated in fp32.
+        preconditioner_dtype: ``"float32"`` or ``"float64"`` for the factors, the root computations and roots.
+        matmul_dtype: precision of the per-step matrix products (factor updates, applying the roots):
+            ``"tfloat32"`` (default: TF32 tensor cores on CUDA, true fp32 elsewhere), ``"float32"`` (true fp32 even
+            where the global setting allows TF32) or ``"bfloat16"`` (bf16 inputs); all accumulate in fp32. Only
+            inside the step: the caller's ``torch.backends.cuda.matmul.fp32_precision`` is restored after each
+            product. The root computations always run in true fp32 (or fp64).
+        root_inverse: ``"newton"`` (default: the coupled Newton iteration of :func:`newton_inverse_root`, matrix
+            products only, ridge at least ``1e-6 * ||A||_F``) or ``"eigh"`` (batched symmetric eigendecomposition,
+            :func:`inverse_root`, several times slower on GPUs).
+        newton_iterations: the Newton path's fixed iteration count (20 converges to fp32 accuracy).
         stagger_recompute: spread the recomputations over the ``precondition_frequency`` steps (block ``i`` at
             steps where ``(t - start) % frequency == i % frequency``) instead of all blocks on one step.
         nonfinite: a step with an inf/NaN gradient: ``"skip"`` (counted in ``nonfinite_skips``, one host sync per
@@ -606,8 +680,8 @@ class Shampoo(_KroneckerOptimizer):
 
     State per matrix parameter (lists with one tensor per block): ``exp_avg``, ``exp_avg_sq`` (not for sgd/none
     grafting), ``factor_left``, ``factor_right``, ``root_left``, ``root_right`` (identity until computed) and
-    ``preconditioner_failures`` (int64: recomputations whose eigendecomposition raised or gave non-finite values,
-    which kept the previous root); ``step`` (float32 CPU scalar). Parameters on the diagonal path hold ``exp_avg``
+    ``preconditioner_failures`` (int64: recomputations whose eigendecomposition raised, whose Newton iteration
+    diverged, or that gave non-finite values, which kept the previous root); ``step`` (float32 CPU scalar). Parameters on the diagonal path hold ``exp_avg``
     (and ``exp_avg_sq``) shaped like the parameter.
     """
 
@@ -630,13 +704,16 @@ class Shampoo(_KroneckerOptimizer):
         decoupled_weight_decay: bool = True,
         exponent_override: int | None = None,
         preconditioner_dtype: str = "float32",
-        matmul_dtype: str = "float32",
+        matmul_dtype: str = "tfloat32",
+        root_inverse: str = "newton",
+        newton_iterations: int = 20,
         stagger_recompute: bool = True,
         nonfinite: str = "skip",
     ) -> None:
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, shampoo_beta=shampoo_beta,
-            preconditioner_eps=preconditioner_eps, max_preconditioner_dim=max_preconditioner_dim,
+            root_inverse=root_inverse, newton_iterations=newton_iterations, preconditioner_eps=preconditioner_eps,
+            max_preconditioner_dim=max_preconditioner_dim,
             precondition_frequency=precondition_frequency, start_preconditioning_step=start_preconditioning_step,
             grafting=grafting, decoupled_weight_decay=decoupled_weight_decay, exponent_override=exponent_override,
             preconditioner_dtype=preconditioner_dtype, matmul_dtype=matmul_dtype,
@@ -659,6 +736,11 @@ class Shampoo(_KroneckerOptimizer):
                 "exponent_override", root, "expected None or an int >= 1 (the root p of X^(-1/p))")
         require(isinstance(hyperparameters["decoupled_weight_decay"], bool), where, "decoupled_weight_decay",
                 hyperparameters["decoupled_weight_decay"], "expected a bool")
+        method = hyperparameters["root_inverse"]
+        require(method in ROOT_INVERSES, where, "root_inverse", method, f"expected one of {ROOT_INVERSES}")
+        iterations = hyperparameters["newton_iterations"]
+        require(isinstance(iterations, int) and not isinstance(iterations, bool) and iterations >= 1, where,
+                "newton_iterations", iterations, "expected an int >= 1")
 
     def _init_block_state(self, rows, cols, device, dtype, group):
         precond = PRECONDITIONER_DTYPES[group["preconditioner_dtype"]]
@@ -688,17 +770,24 @@ class Shampoo(_KroneckerOptimizer):
         update_moments([grads], [stacks["exp_avg"]], [stacks["exp_avg_sq"]] if rule else None,
                        beta1=beta1, beta2=beta2, rule=rule)
         update_factors(grads, stacks["factor_left"], stacks["factor_right"], beta=group["shampoo_beta"],
-                       matmul_dtype=MATMUL_DTYPES[group["matmul_dtype"]])
+                       matmul_dtype=group["matmul_dtype"])
 
     def _recompute_selection(self, bucket, group):
         return recompute_selection(bucket.step, len(bucket), frequency=group["precondition_frequency"],
                                    start=self._start(group), stagger=group["stagger_recompute"])
 
     def _candidates(self, bucket, group, blocks):
-        root = group["exponent_override"] or 4
-        left, left_ok = inverse_root(bucket.stacks["factor_left"][blocks], root=root, eps=group["preconditioner_eps"])
-        right, right_ok = inverse_root(bucket.stacks["factor_right"][blocks], root=root,
-                                       eps=group["preconditioner_eps"])
+        root, eps = group["exponent_override"] or 4, group["preconditioner_eps"]
+        # Groups saved before root_inverse existed used eigendecompositions.
+        if group.get("root_inverse", "eigh") == "newton":
+            def compute(factors):
+                return newton_inverse_root(factors, root=root, eps=eps,
+                                           iterations=group.get("newton_iterations", 20))
+        else:
+            def compute(factors):
+                return inverse_root(factors, root=root, eps=eps)
+        left, left_ok = compute(bucket.stacks["factor_left"][blocks])
+        right, right_ok = compute(bucket.stacks["factor_right"][blocks])
         return left, left_ok.to(left.dtype), right, right_ok.to(right.dtype)
 
     def _accept(self, bucket, group, blocks, results):
@@ -718,7 +807,7 @@ class Shampoo(_KroneckerOptimizer):
         if bucket.step < self._start(group):
             return grafted
         direction = shampoo_direction(stacks["exp_avg"], stacks["root_left"], stacks["root_right"],
-                                      matmul_dtype=MATMUL_DTYPES[group["matmul_dtype"]])
+                                      matmul_dtype=group["matmul_dtype"])
         return direction if group["grafting"] == "none" else graft(direction, grafted)
 
 
@@ -751,8 +840,9 @@ class Soap(_KroneckerOptimizer):
         shampoo_beta: :math:`\beta_s` of the factors' EMA (the paper: 0.95).
         max_preconditioner_dim, precondition_frequency, preconditioner_dtype, stagger_recompute, nonfinite: as
             :class:`Shampoo`.
-        matmul_dtype: ``"float32"`` or ``"bfloat16"`` for the factor products :math:`GG^\top, G^\top G` only; the
-            rotations into and out of the eigenbasis stay fp32 (Adam divides each rotated coordinate by its own
+        matmul_dtype: ``"tfloat32"`` (default), ``"float32"`` or ``"bfloat16"`` (see :class:`Shampoo`) for the
+            factor products :math:`GG^\top, G^\top G` only; the rotations into and out of the eigenbasis and the
+            refreshes stay true fp32 (Adam divides each rotated coordinate by its own
             scale, so bf16 noise on near-zero coordinates would turn into full-size updates).
         eigenbasis_update: ``"qr"`` (Alg. 4, one power-iteration step, the default) or ``"eigh"`` (a full
             eigendecomposition at each refresh).
@@ -776,7 +866,7 @@ class Soap(_KroneckerOptimizer):
         precondition_frequency: int = 10,
         eigenbasis_update: str = "qr",
         preconditioner_dtype: str = "float32",
-        matmul_dtype: str = "float32",
+        matmul_dtype: str = "tfloat32",
         stagger_recompute: bool = True,
         nonfinite: str = "skip",
     ) -> None:
@@ -812,7 +902,7 @@ class Soap(_KroneckerOptimizer):
 
     def _accumulate(self, bucket, grads, group):
         update_factors(grads, bucket.stacks["factor_left"], bucket.stacks["factor_right"],
-                       beta=group["shampoo_beta"], matmul_dtype=MATMUL_DTYPES[group["matmul_dtype"]])
+                       beta=group["shampoo_beta"], matmul_dtype=group["matmul_dtype"])
 
     def _recompute_selection(self, bucket, group):
         return recompute_selection(bucket.step, len(bucket), frequency=group["precondition_frequency"], start=1,
@@ -854,9 +944,10 @@ class Soap(_KroneckerOptimizer):
     def _direction(self, bucket, grads, group):
         stacks = bucket.stacks
         beta1, beta2 = group["betas"]
-        # Rotations stay in fp32 whatever matmul_dtype says: Adam normalises each rotated coordinate, so bf16
-        # rounding noise on the near-zero ones would become full-size updates.
-        matmul = torch.float32
+        # Rotations stay true fp32 whatever matmul_dtype (or the global TF32 setting) says: Adam normalises each
+        # rotated coordinate, so bf16 or TF32 rounding noise (4e-3, 5e-4 of a row's norm) on the near-zero ones
+        # would become full-size updates.
+        matmul = "float32"
         rotated = rotate(grads, stacks["basis_left"], stacks["basis_right"], matmul)
         update_moments([rotated], [stacks["exp_avg"]], [stacks["exp_avg_sq"]], beta1=beta1, beta2=beta2, rule="ema")
         (adam,) = elementwise_directions([stacks["exp_avg"]], [stacks["exp_avg_sq"]], grafting="adam",

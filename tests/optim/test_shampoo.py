@@ -460,3 +460,122 @@ def test_shampoo_bfloat16_matmuls_stay_close_to_float32():
     for name in SOAP_SHAPES:
         moved = (exact[name] - params[name].float()).norm()
         assert (fast[name] - exact[name]).norm() < 0.05 * moved, name
+
+
+# -- root_inverse="newton" and the matmul precision ------------------------------------------------------------
+
+
+def _spd_stack(n, count, dtype, seed=0, rank=None):
+    generator = torch.Generator().manual_seed(seed)
+    scale = torch.logspace(0, -2, n, dtype=torch.float64)
+    grads = torch.randn(count, n, rank or n, generator=generator, dtype=torch.float64) * scale[:, None]
+    return (grads @ grads.mT).to(dtype)
+
+
+# Relative Frobenius error bounds after the default 20 iterations on condition numbers up to 1e6: p = 2 grows small
+# eigenvalues by (3/2)^2 = 2.25 per iteration (p = 4: 2.44), so it is a few iterations short of fp64 accuracy.
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, {4: 1e-10, 2: 1e-5}), (torch.float32, {4: 2e-5, 2: 2e-5})])
+def test_newton_inverse_root_agrees_with_eigh(dtype, rtol):
+    from hf_colossal.optim.shampoo import NEWTON_RELATIVE_FLOOR, inverse_root as eigh_root, newton_inverse_root
+
+    factors = _spd_stack(48, 3, dtype)
+    # The same ridge on both sides: max(eps, floor * ||A||_F); condition numbers up to 1e6.
+    ridges = (NEWTON_RELATIVE_FLOOR * torch.linalg.matrix_norm(factors.double())).clamp_min(1e-6)
+    for root in (4, 2):
+        reference = torch.stack([eigh_root(f[None].double(), root=root, eps=float(r))[0][0]
+                                 for f, r in zip(factors, ridges)])
+        roots, ok = newton_inverse_root(factors, root=root, eps=1e-6)
+        assert ok.all() and roots.dtype == dtype
+        error = torch.linalg.matrix_norm(roots.double() - reference) / torch.linalg.matrix_norm(reference)
+        assert error.max() < rtol[root], (root, error)
+
+
+def test_newton_floors_rank_deficient_factors_instead_of_diverging():
+    from hf_colossal.optim.shampoo import NEWTON_RELATIVE_FLOOR, inverse_root as eigh_root, newton_inverse_root
+
+    factors = _spd_stack(64, 2, torch.float32, rank=12)  # null space with fp32 round-off eigenvalues
+    roots, ok = newton_inverse_root(factors, root=4, eps=1e-12)
+    assert ok.all() and roots.isfinite().all()
+    ridge = NEWTON_RELATIVE_FLOOR * torch.linalg.matrix_norm(factors.double())
+    reference = torch.stack([eigh_root(f[None].double(), root=4, eps=float(r))[0][0] for f, r in zip(factors, ridge)])
+    error = torch.linalg.matrix_norm(roots.double() - reference) / torch.linalg.matrix_norm(reference)
+    assert error.max() < 2e-2
+    # Not PSD: the iteration diverges and the block is flagged; the other block is fine.
+    bad = torch.stack([factors[0] - 10 * torch.eye(64), factors[1]])
+    _, ok = newton_inverse_root(bad, root=4, eps=1e-12)
+    assert ok.tolist() == [False, True]
+
+
+@pytest.mark.parametrize("case", ["adam", "none", "l2_decay_start_1"])
+def test_shampoo_eigh_and_newton_both_match_the_reference(case):
+    hp = {**SHAMPOO_BASE, **SHAMPOO_CASES[case]}
+    params, grads = make_problem()
+    expected = reference_shampoo(params, grads, hp)
+    for method in ("eigh", "newton"):
+        params, grads = make_problem()  # run() updates float64 params in place
+        tensors, optimizer = run(Shampoo, params, grads, {**hp, "root_inverse": method})
+        for name, tensor in tensors.items():
+            torch.testing.assert_close(tensor.detach(), expected[name], rtol=1e-9, atol=1e-10, msg=(method, name))
+        assert optimizer.preconditioner_failures() == 0
+
+
+def test_newton_failure_keeps_previous_root_and_counts():
+    options = {**SHAMPOO_BASE, "precondition_frequency": 2, "start_preconditioning_step": 1,
+               "preconditioner_dtype": "float32", "root_inverse": "newton"}
+    params, grads = make_problem()
+    tensors, optimizer = run(Shampoo, params, grads[:2], options, dtype=torch.float32)
+    state = optimizer.state[tensors["w1"]]
+    before = [t.clone() for t in state["root_left"]]
+    state["factor_left"][0].copy_(-torch.eye(4))  # negative definite: the Newton iteration diverges
+    for t in range(2, 4):
+        for name, tensor in tensors.items():
+            tensor.grad = grads[t][name].float()
+        optimizer.step()
+    assert torch.equal(state["root_left"][0], before[0])
+    assert not torch.equal(state["root_left"][2], before[2])
+    assert [int(c) for c in state["preconditioner_failures"]] == [1, 0, 0, 0]
+    assert all(t.isfinite().all() for t in tensors.values())
+
+
+@pytest.mark.parametrize("setting", ["untouched", "legacy_high", "new_api_ieee"])
+def test_matmul_precision_is_restored_after_steps(setting):
+    from hf_colossal.optim._precision import current_fp32_matmul_precision, fp32_matmul_precision
+
+    matmul = torch.backends.cuda.matmul
+    saved_new, saved_legacy = matmul.fp32_precision, torch.get_float32_matmul_precision()
+    try:
+        if setting == "legacy_high":
+            torch.set_float32_matmul_precision("high")
+        elif setting == "new_api_ieee":
+            matmul.fp32_precision = "ieee"
+        before = matmul.fp32_precision
+        with fp32_matmul_precision("tf32"):
+            assert current_fp32_matmul_precision() == "tf32"
+        with pytest.raises(RuntimeError), fp32_matmul_precision("ieee"):
+            raise RuntimeError("inside")
+        assert matmul.fp32_precision == before
+        for cls, options in ((Shampoo, SHAMPOO_BASE), (Soap, SOAP_BASE)):
+            for dtype_name in ("tfloat32", "float32", "bfloat16"):
+                params, grads = make_problem()
+                run(cls, params, grads[:4], {**options, "matmul_dtype": dtype_name, "preconditioner_dtype": "float32"},
+                    dtype=torch.float32)
+                assert matmul.fp32_precision == before
+        if setting != "new_api_ieee":  # the legacy getter still agrees (no mixed-API error)
+            assert torch.get_float32_matmul_precision() == ("high" if setting == "legacy_high" else saved_legacy)
+    finally:
+        matmul.fp32_precision = saved_new
+        if setting == "legacy_high":
+            torch.set_float32_matmul_precision(saved_legacy)
+            matmul.fp32_precision = saved_new
+
+
+def test_defaults_are_tf32_products_and_newton_roots():
+    params, _ = make_problem()
+    shampoo = Shampoo([params["w1"].float().requires_grad_()])
+    soap = Soap([params["w1"].float().requires_grad_()])
+    assert shampoo.defaults["matmul_dtype"] == "tfloat32" and shampoo.defaults["root_inverse"] == "newton"
+    assert soap.defaults["matmul_dtype"] == "tfloat32"
+    with pytest.raises(ValueError, match="root_inverse"):
+        Shampoo([params["w1"].float().requires_grad_()], root_inverse="cholesky")
+    with pytest.raises(ValueError, match="newton_iterations"):
+        Shampoo([params["w1"].float().requires_grad_()], newton_iterations=0)

@@ -26,6 +26,7 @@ _PUBLIC = {
     "LRScalingCallback": "hf_colossal.callbacks",
     "WarmupCallback": "hf_colossal.callbacks",
     "LayerStatsCallback": "hf_colossal.callbacks",
+    "GradientCompressionPlugin": "hf_colossal.comm.plugin",
 }
 
 __all__ = sorted(_PUBLIC)

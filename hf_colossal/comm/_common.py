@@ -116,3 +116,27 @@ def current_scale(scale_fn: ScaleFn | None, device: torch.device) -> torch.Tenso
     if not torch.is_tensor(scale):
         scale = torch.tensor(float(scale))
     return scale.to(device=device, dtype=torch.float32).reshape(())
+
+
+class ErrorFeedbackCompressor:
+    """Base of the compressors with error feedback (PowerSGD, top-k, sign): the per-rank residuals ``ef`` and the
+    steps around each one's own exchange, with the residuals kept in unscaled units under a loss scale."""
+
+    def __init__(self, error_feedback: bool = True) -> None:
+        self.error_feedback = error_feedback
+        self.ef = ErrorFeedback()
+
+    def compensated(self, buffer: torch.Tensor, keys: list[int], params: list[torch.Tensor],
+                    scale_fn: ScaleFn | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(the loss scale or None, ``M = G + e`` in fp32: the bucket plus its residuals, brought to its units)."""
+        scale = current_scale(scale_fn, buffer.device)
+        M = buffer.float()
+        if self.error_feedback:
+            residual = self.ef.gather(keys, params, buffer)
+            M = M + (residual * scale if scale is not None else residual)
+        return scale, M
+
+    def store_error(self, keys: list[int], error: torch.Tensor, scale: torch.Tensor | None,
+                    finite: torch.Tensor) -> None:
+        """The new residuals: ``error`` (bucket units) divided by the loss scale, kept only where ``finite``."""
+        self.ef.store(keys, error / scale if scale is not None else error, finite)

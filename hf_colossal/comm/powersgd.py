@@ -23,7 +23,7 @@ from collections import defaultdict
 
 import torch
 
-from ._common import ByteCounter, ErrorFeedback, Future, all_reduce_sum, completed_future, current_scale
+from ._common import ByteCounter, ErrorFeedbackCompressor, Future, all_reduce_sum, completed_future
 
 
 def orthogonalize(P: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -56,15 +56,14 @@ def initial_q(m: int, rank: int, seed: int, key: int, device: torch.device) -> t
     return torch.randn(m, rank, generator=generator).to(device)
 
 
-class PowerSGD:
+class PowerSGD(ErrorFeedbackCompressor):
     """State (warm-start Q per parameter: shared; error feedback per parameter: per rank) and the bucket step."""
 
     def __init__(self, rank: int, seed: int, error_feedback: bool = True) -> None:
+        super().__init__(error_feedback)
         self.rank = rank
         self.seed = seed
-        self.error_feedback = error_feedback
         self.q: dict[int, torch.Tensor] = {}
-        self.ef = ErrorFeedback()
 
     def _q(self, key: int, m: int, device: torch.device) -> torch.Tensor:
         q = self.q.get(key)
@@ -75,11 +74,7 @@ class PowerSGD:
     def run(self, buffer: torch.Tensor, keys: list[int], params: list[torch.Tensor], group, world_size: int,
             counter: ByteCounter, scale_fn=None) -> Future:
         device = buffer.device
-        scale = current_scale(scale_fn, device)
-        M = buffer.float()
-        if self.error_feedback:
-            residual = self.ef.gather(keys, params, buffer)
-            M = M + (residual * scale if scale is not None else residual)
+        scale, M = self.compensated(buffer, keys, params, scale_fn)
         # partition the bucket: compressed matrices grouped by shape, the rest flat
         groups: dict[tuple[int, int], list[tuple[int, int, int]]] = defaultdict(list)  # shape -> (key, offset, n)
         plain: list[tuple[int, int]] = []  # (offset, numel)
@@ -137,7 +132,7 @@ class PowerSGD:
                     old = self.q[key]
                     old.copy_(torch.where(finite, qm[i], old))  # a NaN never becomes the next warm start
             if error is not None:
-                self.ef.store(keys, error / scale if scale is not None else error, finite)
+                self.store_error(keys, error, scale, finite)
             buffer.copy_(out)
             return buffer
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import ByteCounter, ErrorFeedback, Future, all_gather_flat, current_scale, finite_flag, poison_if
+from ._common import ByteCounter, ErrorFeedbackCompressor, Future, all_gather_flat, finite_flag, poison_if
 
 _SHIFTS: dict[torch.device, torch.Tensor] = {}
 
@@ -66,18 +66,10 @@ def decompress(scales: torch.Tensor, positive: torch.Tensor, sizes: list[int]) -
     return expand(scales, sizes, positive.shape[-1]) * signs
 
 
-class ScaledSign:
-    def __init__(self, error_feedback: bool = True) -> None:
-        self.error_feedback = error_feedback
-        self.ef = ErrorFeedback()
-
+class ScaledSign(ErrorFeedbackCompressor):
     def run(self, buffer: torch.Tensor, keys: list[int], params: list[torch.Tensor], group, world_size: int,
             counter: ByteCounter, scale_fn=None) -> Future:
-        scale = current_scale(scale_fn, buffer.device)
-        M = buffer.float()
-        if self.error_feedback:
-            residual = self.ef.gather(keys, params, buffer)
-            M = M + (residual * scale if scale is not None else residual)
+        scale, M = self.compensated(buffer, keys, params, scale_fn)
         sizes = [p.numel() for p in params]
         numel = M.numel()
         scales, positive = compress(M, sizes)
@@ -95,7 +87,7 @@ class ScaledSign:
             out.div_(world_size)
             if self.error_feedback:
                 error = M - decompress(scales, positive, sizes)
-                self.ef.store(keys, error / scale if scale is not None else error, torch.isfinite(out).all())
+                self.store_error(keys, error, scale, torch.isfinite(out).all())
             buffer.copy_(out)
             return buffer
 

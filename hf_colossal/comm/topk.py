@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from ._common import ByteCounter, ErrorFeedback, Future, all_gather_flat, current_scale, finite_flag, poison_if
+from ._common import ByteCounter, ErrorFeedbackCompressor, Future, all_gather_flat, finite_flag, poison_if
 
 
 def num_kept(numel: int, density: float) -> int:
@@ -42,19 +42,14 @@ def decompress_sum(values: torch.Tensor, indices: torch.Tensor, numel: int) -> t
     return out
 
 
-class TopK:
+class TopK(ErrorFeedbackCompressor):
     def __init__(self, density: float, error_feedback: bool = True) -> None:
+        super().__init__(error_feedback)
         self.density = density
-        self.error_feedback = error_feedback
-        self.ef = ErrorFeedback()
 
     def run(self, buffer: torch.Tensor, keys: list[int], params: list[torch.Tensor], group, world_size: int,
             counter: ByteCounter, scale_fn=None) -> Future:
-        scale = current_scale(scale_fn, buffer.device)
-        M = buffer.float()
-        if self.error_feedback:
-            residual = self.ef.gather(keys, params, buffer)
-            M = M + (residual * scale if scale is not None else residual)
+        scale, M = self.compensated(buffer, keys, params, scale_fn)
         k = num_kept(M.numel(), self.density)
         values, idx = compress(M, k)
         values = poison_if(finite_flag(M), values)
@@ -67,7 +62,7 @@ class TopK:
             if self.error_feedback:
                 error = M.clone()
                 error[idx.long()] = 0
-                self.ef.store(keys, error / scale if scale is not None else error, torch.isfinite(out).all())
+                self.store_error(keys, error, scale, torch.isfinite(out).all())
             buffer.copy_(out)
             return buffer
 

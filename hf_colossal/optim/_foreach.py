@@ -47,6 +47,11 @@ def is_real(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
+def is_int(value: Any) -> bool:
+    """True for a Python int (bool and tensors excluded)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_common_hyperparameters(hyperparameters: dict[str, Any], where: str) -> None:
     """Validate the hyperparameters both optimizers share: lr, weight_decay, eps, nonfinite, foreach, fused, flags."""
     for name in ("lr", "weight_decay", "eps"):
@@ -75,7 +80,7 @@ def check_common_hyperparameters(hyperparameters: dict[str, Any], where: str) ->
         require(isinstance(hyperparameters[name], bool), where, name, hyperparameters[name], "expected a bool")
     skips = hyperparameters["nonfinite_skips"]
     require(
-        isinstance(skips, int) and not isinstance(skips, bool) and skips >= 0,
+        is_int(skips) and skips >= 0,
         where,
         "nonfinite_skips",
         skips,
@@ -325,6 +330,22 @@ def params_with_grads(
     return params, grads
 
 
+def params_with_grads_per_group(
+    optimizer_name: str, param_groups: Sequence[dict[str, Any]]
+) -> list[tuple[list[Tensor], list[Tensor]]]:
+    """:func:`params_with_grads` for each param group, in order."""
+    return [params_with_grads(optimizer_name, group, index) for index, group in enumerate(param_groups)]
+
+
+def evaluate_closure(closure: Any) -> Any:
+    """The loss from an optimizer's ``closure`` run with gradients enabled (``step`` runs under no_grad); None
+    without a closure."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Precision and bucketing
 
@@ -567,13 +588,10 @@ class LayerwiseOptimizer(Optimizer):
         A cached fused plan runs when nothing it depends on changed; otherwise the gradients are gathered and
         the step goes to the fused path (``_fused_step``) or the foreach path (``_foreach_step``) of the subclass.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         if fused_fast_step(self, self._state_keys, self._fused_hyper, self._fused_launch):
             return loss
-        params_and_grads = [params_with_grads(self.name, group, i) for i, group in enumerate(self.param_groups)]
+        params_and_grads = params_with_grads_per_group(self.name, self.param_groups)
         if not any(params for params, _ in params_and_grads):
             return loss
         if use_fused_path(self.name, self.param_groups, params_and_grads):

@@ -15,6 +15,11 @@ from ..params import ParamGroupPolicy
 
 _LR = "--learning_rate"
 _WD = "--weight_decay"
+# optim_args keys that TrainingArguments sets through its own flags (named in the error)
+_TRAINER_FLAGS: dict[str, str] = {"lr": _LR, "learning_rate": _LR, "weight_decay": _WD}
+_ADAM_FLAGS: dict[str, str] = {
+    "betas": "--adam_beta1/--adam_beta2", "beta1": "--adam_beta1", "beta2": "--adam_beta2", "eps": "--adam_epsilon",
+}
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -53,11 +58,7 @@ class LambConfig(OptimizerConfig):
     """``optim_args`` for ``optim="lamb"`` (You et al. 2019, Algorithm 2)."""
 
     subject: ClassVar[str] = 'optim="lamb"'
-    reserved_keys: ClassVar[dict[str, str]] = {
-        "lr": _LR, "learning_rate": _LR, "weight_decay": _WD,
-        "betas": "--adam_beta1/--adam_beta2", "beta1": "--adam_beta1", "beta2": "--adam_beta2",
-        "eps": "--adam_epsilon",
-    }
+    reserved_keys: ClassVar[dict[str, str]] = {**_TRAINER_FLAGS, **_ADAM_FLAGS}
 
     bias_correction: bool = _opt(True, "Adam bias correction of the moments (LAMB paper: on)")
     decoupled_weight_decay: bool = _opt(True, "add wd*x to the update (paper) instead of to the gradient (L2)")
@@ -74,7 +75,7 @@ class LarsConfig(OptimizerConfig):
     """``optim_args`` for ``optim="lars"`` (You, Gitman, Ginsburg 2017; LARC clipping)."""
 
     subject: ClassVar[str] = 'optim="lars"'
-    reserved_keys: ClassVar[dict[str, str]] = {"lr": _LR, "learning_rate": _LR, "weight_decay": _WD}
+    reserved_keys: ClassVar[dict[str, str]] = dict(_TRAINER_FLAGS)
 
     momentum: float = _opt(0.9, "momentum coefficient")
     dampening: float = _opt(0.0, "dampening of the momentum buffer (torch SGD semantics)")
@@ -93,11 +94,7 @@ class KfacConfig(OptimizerConfig):
     """``optim_args`` for ``optim="kfac"`` (Martens & Grosse 2015; KAISA, Pauloski et al. 2021)."""
 
     subject: ClassVar[str] = 'optim="kfac"'
-    reserved_keys: ClassVar[dict[str, str]] = {
-        "lr": _LR, "learning_rate": _LR, "weight_decay": _WD,
-        "betas": "--adam_beta1/--adam_beta2", "beta1": "--adam_beta1", "beta2": "--adam_beta2",
-        "eps": "--adam_epsilon",
-    }
+    reserved_keys: ClassVar[dict[str, str]] = {**_TRAINER_FLAGS, **_ADAM_FLAGS}
 
     base_rule: Literal["adam_graft", "adam", "sgd"] = _opt(
         "adam_graft", "step after preconditioning: momentum grafted to Adam's norm, Adam, or SGD momentum"
@@ -121,11 +118,6 @@ class KfacConfig(OptimizerConfig):
     nonfinite: Literal["skip", "error", "apply"] = _opt("skip", "on inf/NaN grads: skip the step, raise, or apply")
 
 
-_ADAM_FLAGS: dict[str, str] = {
-    "betas": "--adam_beta1/--adam_beta2", "beta1": "--adam_beta1", "beta2": "--adam_beta2", "eps": "--adam_epsilon",
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class ShampooConfig(OptimizerConfig):
     """``optim_args`` for ``optim="shampoo"`` (Gupta et al. 2018; Anil et al. 2020; Shi et al. 2023).
@@ -135,7 +127,7 @@ class ShampooConfig(OptimizerConfig):
     """
 
     subject: ClassVar[str] = 'optim="shampoo"'
-    reserved_keys: ClassVar[dict[str, str]] = {"lr": _LR, "learning_rate": _LR, "weight_decay": _WD, **_ADAM_FLAGS}
+    reserved_keys: ClassVar[dict[str, str]] = {**_TRAINER_FLAGS, **_ADAM_FLAGS}
 
     max_preconditioner_dim: int = _opt(1024, "largest block side; also the merge threshold of small dimensions")
     precondition_frequency: int = _opt(10, "steps between recomputations of a block's inverse roots")
@@ -163,7 +155,7 @@ class SoapConfig(OptimizerConfig):
     the eigenbasis of Shampoo's factors; weight decay decoupled. ``no_adapt`` has no effect."""
 
     subject: ClassVar[str] = 'optim="soap"'
-    reserved_keys: ClassVar[dict[str, str]] = {"lr": _LR, "learning_rate": _LR, "weight_decay": _WD, **_ADAM_FLAGS}
+    reserved_keys: ClassVar[dict[str, str]] = {**_TRAINER_FLAGS, **_ADAM_FLAGS}
 
     max_preconditioner_dim: int = _opt(1024, "largest block side; also the merge threshold of small dimensions")
     precondition_frequency: int = _opt(10, "steps between eigenbasis refreshes of a block")
@@ -187,7 +179,7 @@ class HessianFreeConfig(OptimizerConfig):
     """
 
     subject: ClassVar[str] = 'optim="hessian_free"'
-    reserved_keys: ClassVar[dict[str, str]] = {"lr": _LR, "learning_rate": _LR, "weight_decay": _WD}
+    reserved_keys: ClassVar[dict[str, str]] = dict(_TRAINER_FLAGS)
 
     damping: float = _opt(1.0, "initial Levenberg-Marquardt lambda (adapted: x3/2 if rho<1/4, x2/3 if rho>3/4)")
     damping_increase: float = _opt(1.5, "damping factor when rho < 1/4 (Martens 2010 Sec. 4.1)")

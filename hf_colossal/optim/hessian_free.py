@@ -54,7 +54,7 @@ from torch.nn import functional as F
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
-from ._foreach import is_real, math_dtype, require
+from ._foreach import is_int, is_real, math_dtype, require
 
 __all__ = [
     "LOSSES",
@@ -780,8 +780,7 @@ def _check_settings(settings: dict[str, Any], damping: float) -> None:
             "max_damping", settings["max_damping"], "expected a number > min_damping")
     for name in ("cg_max_iters", "per_example_chunk", "line_search_max_trials"):
         value = settings[name]
-        require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, where, name, value,
-                "expected an int >= 1")
+        require(is_int(value) and value >= 1, where, name, value, "expected an int >= 1")
     require(is_real(settings["cg_tolerance"]) and settings["cg_tolerance"] > 0, where, "cg_tolerance",
             settings["cg_tolerance"], "expected a real number > 0")
     require(is_real(settings["cg_decay"]) and 0 <= settings["cg_decay"] <= 1, where, "cg_decay",

@@ -57,10 +57,12 @@ from ._foreach import (
     NONFINITE_POLICIES,
     ParamGroup,
     device_skip_counter,
+    evaluate_closure,
     foreach_norms,
+    is_int,
     is_real,
     math_dtype,
-    params_with_grads,
+    params_with_grads_per_group,
     require,
     restore_state_precision,
     stack_on_one_device,
@@ -711,11 +713,8 @@ class Kfac(Optimizer):
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         """One K-FAC step: factor update and inverses when due, preconditioning, KL clip, the base rule."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        params_and_grads = [params_with_grads("Kfac", group, i) for i, group in enumerate(self.param_groups)]
+        loss = evaluate_closure(closure)
+        params_and_grads = params_with_grads_per_group("Kfac", self.param_groups)
         grads = [g for _, group_grads in params_and_grads for g in group_grads]
         if not grads:
             self._finish_step()
@@ -988,8 +987,7 @@ def _check_settings(settings: dict[str, Any]) -> None:
             settings["factor_decay"], "expected 0 <= factor_decay < 1")
     for name in ("factor_interval", "inverse_interval", "max_factor_dim"):
         value = settings[name]
-        require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, where, name, value,
-                "expected an int >= 1")
+        require(is_int(value) and value >= 1, where, name, value, "expected an int >= 1")
     kl_clip = settings["kl_clip"]
     require(kl_clip is None or (is_real(kl_clip) and kl_clip > 0), where, "kl_clip", kl_clip,
             "expected None or a real number > 0")

@@ -37,7 +37,16 @@ from torch.optim.optimizer import ParamsT
 
 from ._blocks import BlockBucket, block_shape, block_slices, matrix_shape
 from ._precision import fp32_matmul_precision
-from ._foreach import foreach_norms, is_real, math_dtype, nonfinite_policy_allows_step, params_with_grads, require
+from ._foreach import (
+    evaluate_closure,
+    foreach_norms,
+    is_int,
+    is_real,
+    math_dtype,
+    nonfinite_policy_allows_step,
+    params_with_grads_per_group,
+    require,
+)
 
 __all__ = [
     "GRAFTING_TYPES",
@@ -388,8 +397,7 @@ class _KroneckerOptimizer(Optimizer):
         require(is_real(beta) and 0 < beta <= 1, where, "shampoo_beta", beta, "expected 0 < shampoo_beta <= 1")
         for key in ("max_preconditioner_dim", "precondition_frequency"):
             value = hyperparameters[key]
-            require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, where, key, value,
-                    "expected an int >= 1")
+            require(is_int(value) and value >= 1, where, key, value, "expected an int >= 1")
         for key, choices in (("preconditioner_dtype", PRECONDITIONER_DTYPES), ("matmul_dtype", MATMUL_DTYPES),
                              ("nonfinite", _NONFINITE_POLICIES)):
             value = hyperparameters[key]
@@ -508,11 +516,8 @@ class _KroneckerOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        params_and_grads = [params_with_grads(self.name, group, i) for i, group in enumerate(self.param_groups)]
+        loss = evaluate_closure(closure)
+        params_and_grads = params_with_grads_per_group(self.name, self.param_groups)
         if not any(params for params, _ in params_and_grads):
             return loss
         if any(group["nonfinite"] != "apply" for group in self.param_groups):
@@ -729,18 +734,18 @@ class Shampoo(_KroneckerOptimizer):
         eps = hyperparameters["preconditioner_eps"]
         require(is_real(eps) and eps > 0, where, "preconditioner_eps", eps, "expected a real number > 0")
         start = hyperparameters["start_preconditioning_step"]
-        require(start is None or (isinstance(start, int) and not isinstance(start, bool) and start >= 1), where,
-                "start_preconditioning_step", start, "expected None or an int >= 1")
+        require(start is None or (is_int(start) and start >= 1), where, "start_preconditioning_step", start,
+                "expected None or an int >= 1")
         root = hyperparameters["exponent_override"]
-        require(root is None or (isinstance(root, int) and not isinstance(root, bool) and root >= 1), where,
-                "exponent_override", root, "expected None or an int >= 1 (the root p of X^(-1/p))")
+        require(root is None or (is_int(root) and root >= 1), where, "exponent_override", root,
+                "expected None or an int >= 1 (the root p of X^(-1/p))")
         require(isinstance(hyperparameters["decoupled_weight_decay"], bool), where, "decoupled_weight_decay",
                 hyperparameters["decoupled_weight_decay"], "expected a bool")
         method = hyperparameters["root_inverse"]
         require(method in ROOT_INVERSES, where, "root_inverse", method, f"expected one of {ROOT_INVERSES}")
         iterations = hyperparameters["newton_iterations"]
-        require(isinstance(iterations, int) and not isinstance(iterations, bool) and iterations >= 1, where,
-                "newton_iterations", iterations, "expected an int >= 1")
+        require(is_int(iterations) and iterations >= 1, where, "newton_iterations", iterations,
+                "expected an int >= 1")
 
     def _init_block_state(self, rows, cols, device, dtype, group):
         precond = PRECONDITIONER_DTYPES[group["preconditioner_dtype"]]

@@ -157,30 +157,25 @@ def train_accelerate(plugin, data, rank, world_size, steps, micro=2, batch=16, s
     return accelerator, controller, accelerator.unwrap_model(model)
 
 
-def accelerate_train_worker(rank, world_size, port, out_path, plugins):
-    init(rank, world_size, port, accelerate_env=True)
-    data = digits_tensors()
+def _train_results(plugins, data, rank, world_size) -> dict:
+    """Per plugin label: eval loss before/after ``STEPS`` steps, the final parameters and the controller's counters."""
     results = {}
     for label, plugin in plugins.items():
         torch.manual_seed(0)
         before = eval_loss(mlp(), data)
-        accelerator, controller, model = train_accelerate(plugin, data, rank, world_size, steps=STEPS)
+        _, controller, model = train_accelerate(plugin, data, rank, world_size, steps=STEPS)
         results[label] = dict(
-            before=before, after=eval_loss(model, data),
-            params=[p.detach().clone() for p in model.parameters()],
+            before=before, after=eval_loss(model, data), params=[p.detach().clone() for p in model.parameters()],
             rounds=None if controller is None else controller.round,
             steps=None if controller is None else controller.step,
             method=None if controller is None else controller.method,
             bytes=None if controller is None else controller.counter.snapshot(),
         )
-    torch.save(results, f"{out_path}.{rank}")
-    dist.destroy_process_group()
+    return results
 
 
-def resume_worker(rank, world_size, port, out_path, plugins, tmp):
+def _resume_results(plugins, data, rank, world_size, tmp) -> dict:
     """6 steps straight vs 3 steps + save_state + fresh everything + load_state + 3 steps: identical parameters."""
-    init(rank, world_size, port, accelerate_env=True)
-    data = digits_tensors()
     results = {}
     for label, plugin in plugins.items():
         _, _, straight = train_accelerate(plugin, data, rank, world_size, steps=6)
@@ -204,7 +199,18 @@ def resume_worker(rank, world_size, port, out_path, plugins, tmp):
             results[label]["world_size_warning"] = any("error-feedback residuals restart" in str(w.message)
                                                        for w in caught)
             results[label]["residuals_reset"] = controller.compressor.ef.residuals == {}
-    torch.save(results, f"{out_path}.{rank}")
+    return results
+
+
+def accelerate_train_worker(rank, world_size, port, out_path, plugins):
+    init(rank, world_size, port, accelerate_env=True)
+    torch.save(_train_results(plugins, digits_tensors(), rank, world_size), f"{out_path}.{rank}")
+    dist.destroy_process_group()
+
+
+def resume_worker(rank, world_size, port, out_path, plugins, tmp):
+    init(rank, world_size, port, accelerate_env=True)
+    torch.save(_resume_results(plugins, digits_tensors(), rank, world_size, tmp), f"{out_path}.{rank}")
     dist.destroy_process_group()
 
 
@@ -218,47 +224,12 @@ def suite_worker(rank, world_size, port, out_path, tmp):
     Accelerator(cpu=True)  # initialises the gloo group from the environment (as every later Accelerator)
     _math(rank, world_size, f"{out_path}.math")
     data = digits_tensors()
-    results = {}
     plugins = {m: G(method=m, sync_every=4, density=0.1) for m in
                ("none", "bf16", "fp16", "powersgd", "topk", "sign", "local_sgd", "diloco")}
     plugins["auto"] = G(method="auto", auto_compute_ms=1e6)
-    for label, plugin in plugins.items():
-        torch.manual_seed(0)
-        before = eval_loss(mlp(), data)
-        _, controller, model = train_accelerate(plugin, data, rank, world_size, steps=STEPS)
-        results[label] = dict(
-            before=before, after=eval_loss(model, data), params=[p.detach().clone() for p in model.parameters()],
-            rounds=None if controller is None else controller.round,
-            steps=None if controller is None else controller.step,
-            method=None if controller is None else controller.method,
-            bytes=None if controller is None else controller.counter.snapshot(),
-        )
-    torch.save(results, f"{out_path}.train.{rank}")
-    resume = {}
-    for label in ("powersgd", "sign", "diloco"):
-        plugin = G(method=label, sync_every=2)
-        _, _, straight = train_accelerate(plugin, data, rank, world_size, steps=6)
-        ckpt = f"{tmp}/{label}"
-        train_accelerate(plugin, data, rank, world_size, steps=3, save_dir=ckpt)
-        _, controller, resumed = train_accelerate(plugin, data, rank, world_size, steps=3, start=3, resume_dir=ckpt)
-        resume[label] = dict(
-            exact=all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters())),
-            files=sorted(os.listdir(f"{ckpt}/hf_colossal_comm")), step=controller.step,
-        )
-        if label == "sign":  # another world size: the residuals restart from zero, with a warning
-            shared = torch.load(f"{ckpt}/hf_colossal_comm/shared.pt", weights_only=False)
-            shared["world_size"] = world_size + 2
-            dist.barrier()
-            if rank == 0:
-                torch.save(shared, f"{ckpt}/hf_colossal_comm/shared.pt")
-            dist.barrier()
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                controller.load(ckpt)
-            resume[label]["world_size_warning"] = any("error-feedback residuals restart" in str(w.message)
-                                                      for w in caught)
-            resume[label]["residuals_reset"] = controller.compressor.ef.residuals == {}
-    torch.save(resume, f"{out_path}.resume.{rank}")
+    torch.save(_train_results(plugins, data, rank, world_size), f"{out_path}.train.{rank}")
+    resume_plugins = {label: G(method=label, sync_every=2) for label in ("powersgd", "sign", "diloco")}
+    torch.save(_resume_results(resume_plugins, data, rank, world_size, tmp), f"{out_path}.resume.{rank}")
     dist.destroy_process_group()
 
 

@@ -23,15 +23,6 @@ def test_bad_kfac_optim_args_name_the_valid_keys():
         optimizer_cls_and_kwargs(get_optimizer_spec("kfac"), args, None)
 
 
-@pytest.fixture
-def one_thread():
-    """Batched Cholesky inverses crawl on two MKL threads of a shared 2-core machine (25x slower than one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_trainer_trains_with_kfac_resumes_exactly_and_evaluation_takes_no_statistics(tmp_path, tokenized,
                                                                                      minilm_path, one_thread):
     common = dict(optim="kfac", optim_args="factor_interval=2,inverse_interval=2", learning_rate=1e-4, max_steps=4,

@@ -5,14 +5,14 @@ ranks), so the shards' squared norms are summed across ranks — in one batched 
 tensor (counted below). The non-finite check is agreed across ranks the same way, so every rank skips together.
 """
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from hf_colossal.registry import build_optimizer
+
+from .distributed import batches, gloo_process_group, model, rank_shard, train
 
 OPTIONS = {
     "lamb": dict(lr=1e-2, weight_decay=0.01, options="max_trust_ratio=10,grad_pre_normalization=true"),
@@ -22,42 +22,18 @@ STEPS, GLOBAL_BATCH = 5, 16
 NAN_STEP = 3  # rank 1 alone sees a NaN gradient at this step: both ranks must skip it
 
 
-def _model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.LayerNorm(32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
-
-
-def _batches():
-    generator = torch.Generator().manual_seed(1)
-    return [(torch.randn(GLOBAL_BATCH, 12, generator=generator), torch.randint(0, 3, (GLOBAL_BATCH,), generator=generator))
-            for _ in range(STEPS)]
-
-
-def _train(model, optimizer, batches, poison=None):
-    for step, (inputs, targets) in enumerate(batches):
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(inputs), targets).backward()
-        if poison is not None and step == NAN_STEP:
-            poison()
-        optimizer.step()
-
-
 def _worker(rank, world_size, name, port, result_path):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        model = _model()
+    with gloo_process_group(rank, world_size, port):
+        net = model()
         mesh = init_device_mesh("cpu", (world_size,))
-        for layer in (model[0], model[3]):
+        for layer in (net[0], net[3]):
             fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        optimizer = build_optimizer(name, model, **OPTIONS[name])
-        shard = GLOBAL_BATCH // world_size
-        local = [(x[rank * shard:(rank + 1) * shard], y[rank * shard:(rank + 1) * shard]) for x, y in _batches()]
+        fully_shard(net, mesh=mesh)
+        optimizer = build_optimizer(name, net, **OPTIONS[name])
+        local = rank_shard(batches(STEPS, GLOBAL_BATCH), rank, world_size)
 
         calls = []
         all_reduce = dist.all_reduce
@@ -66,9 +42,9 @@ def _worker(rank, world_size, name, port, result_path):
             calls.append(1)
             return all_reduce(*args, **kwargs)
 
-        def poison():  # after backward: only rank 1's shard of the last weight gets a NaN
-            if rank == 1:
-                model[3].weight.grad.to_local()[0, 0] = float("nan")
+        def poison(step):  # after backward: only rank 1's shard of the last weight gets a NaN
+            if step == NAN_STEP and rank == 1:
+                net[3].weight.grad.to_local()[0, 0] = float("nan")
 
         step = optimizer.step
 
@@ -80,13 +56,11 @@ def _worker(rank, world_size, name, port, result_path):
                 dist.all_reduce = all_reduce
 
         optimizer.step = counted_step
-        _train(model, optimizer, local, poison)
-        full = [p.full_tensor().detach() for p in model.parameters()]
+        train(net, optimizer, local, poison)
+        full = [p.full_tensor().detach() for p in net.parameters()]
         skips = optimizer.param_groups[0]["nonfinite_skips"]
         if rank == 0:
             torch.save({"params": full, "all_reduces": len(calls), "skips": skips}, result_path)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("name", sorted(OPTIONS))
@@ -95,10 +69,10 @@ def test_fsdp2_matches_unsharded_training(name, tmp_path):
     mp.spawn(_worker, args=(2, name, port, tmp_path / "fsdp2.pt"), nprocs=2, join=True)
     result = torch.load(tmp_path / "fsdp2.pt")
 
-    reference = _model()
-    batches = _batches()
-    del batches[NAN_STEP]  # the poisoned step is skipped under FSDP2: the reference never takes it
-    _train(reference, build_optimizer(name, reference, **OPTIONS[name]), batches)
+    reference = model()
+    taken = batches(STEPS, GLOBAL_BATCH)
+    del taken[NAN_STEP]  # the poisoned step is skipped under FSDP2: the reference never takes it
+    train(reference, build_optimizer(name, reference, **OPTIONS[name]), taken)
     for got, expected in zip(result["params"], reference.parameters()):
         torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-6)
     assert result["skips"] == 1

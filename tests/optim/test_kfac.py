@@ -2,11 +2,9 @@
 statistics hygiene, state, non-finite steps, DDP, refusals, and a seeded quality check on real data."""
 
 import copy
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
@@ -17,6 +15,7 @@ from hf_colossal.optim import Kfac
 from hf_colossal.optim.kfac import find_kfac_layers, update_factor_
 from hf_colossal.registry import build_optimizer, get_optimizer_spec
 
+from .distributed import gloo_process_group
 from .helpers import assert_state_equal
 
 EXACT = dict(base_rule="sgd", momentum=0.0, kl_clip=None, factor_interval=1, inverse_interval=1, skip_layers=())
@@ -292,10 +291,7 @@ DDP_OPTIONS = dict(lr=0.05, weight_decay=0.01, options="factor_interval=1,invers
 
 
 def _ddp_worker(rank, world_size, port, result_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with gloo_process_group(rank, world_size, port):
         model = _net()
         opt = build_optimizer("kfac", model, **DDP_OPTIONS)
         ddp = DistributedDataParallel(model)
@@ -316,8 +312,6 @@ def _ddp_worker(rank, world_size, port, result_path):
             refusal = str(err)
         if rank == 0:
             torch.save(([p.detach() for p in model.parameters()], opt.state_dict()["state"], refusal), result_path)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path):
@@ -371,15 +365,6 @@ def _eval_losses(make_optimizer, data):
             with torch.no_grad():
                 losses.append((step, model(x_eval, y_eval)["loss"].item()))
     return losses
-
-
-@pytest.fixture
-def one_thread():
-    """Small convolutions run faster on one thread than on two threads of a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_kfac_reaches_the_tuned_baselines_final_eval_loss_in_fewer_steps(one_thread):

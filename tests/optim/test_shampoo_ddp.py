@@ -8,15 +8,15 @@ last bit (MKL picks kernels by batch size), hence the tolerance.
 """
 
 import json
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from hf_colossal.registry import build_optimizer
+
+from .distributed import batches, gloo_process_group, model, train
 
 OPTIONS = {
     "shampoo": dict(lr=1e-2, weight_decay=0.01,
@@ -24,17 +24,6 @@ OPTIONS = {
     "soap": dict(lr=1e-2, weight_decay=0.01, betas=(0.9, 0.95), options="max_preconditioner_dim=8,precondition_frequency=2"),
 }
 STEPS, BATCH = 6, 16
-
-
-def _model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.LayerNorm(32), torch.nn.Tanh(), torch.nn.Linear(32, 3))
-
-
-def _batches():
-    generator = torch.Generator().manual_seed(1)
-    return [(torch.randn(BATCH, 12, generator=generator), torch.randint(0, 3, (BATCH,), generator=generator))
-            for _ in range(STEPS)]
 
 
 def _count_computed_blocks(optimizer):
@@ -50,29 +39,16 @@ def _count_computed_blocks(optimizer):
     return counted
 
 
-def _train(model, optimizer, batches):
-    for inputs, targets in batches:
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(inputs), targets).backward()
-        optimizer.step()
-
-
 def _worker(rank, world_size, port, folder):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
+    with gloo_process_group(rank, world_size, port):
         for name in OPTIONS:
-            model = _model()
-            optimizer = build_optimizer(name, model, **OPTIONS[name])
+            net = model()
+            optimizer = build_optimizer(name, net, **OPTIONS[name])
             counted = _count_computed_blocks(optimizer)
-            ddp = DistributedDataParallel(model)
-            _train(ddp, optimizer, _batches())
+            train(DistributedDataParallel(net), optimizer, batches(STEPS, BATCH))
             (folder / f"{name}_blocks{rank}.json").write_text(json.dumps(counted["blocks"]))
             if rank == 0:
-                torch.save([p.detach() for p in model.parameters()], folder / f"{name}.pt")
-    finally:
-        dist.destroy_process_group()
+                torch.save([p.detach() for p in net.parameters()], folder / f"{name}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -84,16 +60,12 @@ def ddp_results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", sorted(OPTIONS))
-def test_ddp_splits_the_work_and_matches_single_process(name, ddp_results):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the workers: the same summation order in every kernel
-    try:
-        reference = _model()
-        optimizer = build_optimizer(name, reference, **OPTIONS[name])
-        counted = _count_computed_blocks(optimizer)
-        _train(reference, optimizer, _batches())
-    finally:
-        torch.set_num_threads(threads)
+def test_ddp_splits_the_work_and_matches_single_process(name, ddp_results, one_thread):
+    # one thread, as the workers: the same summation order in every kernel
+    reference = model()
+    optimizer = build_optimizer(name, reference, **OPTIONS[name])
+    counted = _count_computed_blocks(optimizer)
+    train(reference, optimizer, batches(STEPS, BATCH))
     for got, expected in zip(torch.load(ddp_results / f"{name}.pt"), reference.parameters()):
         torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=2e-6)
     per_rank = [json.loads((ddp_results / f"{name}_blocks{rank}.json").read_text()) for rank in range(2)]

@@ -201,9 +201,9 @@ class WarmupCallback(TrainerCallback, ExportableState):
                 f"WarmupCallback owns warmup: set --warmup_steps 0 (got {args.warmup_steps}); the callback's "
                 f"{self.warmup_steps} steps are followed by --lr_scheduler_type {args.lr_scheduler_type}"
             )
-        if self.warmup_steps >= state.max_steps:
+        if self.warmup_steps > state.max_steps:
             raise ValueError(
-                f"WarmupCallback(warmup_steps={self.warmup_steps}) is not shorter than the whole run "
+                f"WarmupCallback(warmup_steps={self.warmup_steps}) is longer than the whole run "
                 f"({state.max_steps} optimizer steps): the learning rate would never reach its target; use fewer "
                 "warmup steps or train longer"
             )

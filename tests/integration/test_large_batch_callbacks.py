@@ -83,8 +83,8 @@ def test_clear_errors(tmp_path, tokenized, minilm_path):
 
 def test_bad_sizes_fail_before_the_first_step(tmp_path, tokenized, minilm_path):
     trainer = make_trainer(tmp_path, tokenized, minilm_path, optim="lamb", max_steps=4)
-    trainer.add_callback(WarmupCallback(4))
-    with pytest.raises(ValueError, match=r"warmup_steps=4\) is not shorter than the whole run \(4 optimizer steps\)"):
+    trainer.add_callback(WarmupCallback(5))
+    with pytest.raises(ValueError, match=r"warmup_steps=5\) is longer than the whole run \(4 optimizer steps\)"):
         trainer.train()
     trainer = make_trainer(tmp_path, tokenized, minilm_path, optim="lamb")  # effective batch 8
     trainer.add_callback(LRScalingCallback(reference_batch_size=3))

@@ -17,6 +17,7 @@ Pure torch: nothing here may import transformers or accelerate.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from itertools import chain
@@ -404,7 +405,9 @@ def restore_state_precision(optimizer: Optimizer, state_dict: dict[str, Any]) ->
 # Sharded parameters (FSDP2 DTensors)
 
 
+@functools.cache
 def _dtensor_class() -> type | None:
+    """torch's DTensor class (imported once; None without torch.distributed): checked on every foreach step."""
     if not torch.distributed.is_available():
         return None
     from torch.distributed.tensor import DTensor

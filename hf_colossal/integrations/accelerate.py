@@ -162,3 +162,53 @@ def register_accelerator_env_route(accelerator_module) -> None:
     __init__._hf_colossal_compression = True  # type: ignore[attr-defined]
     cls.__init__ = __init__
     logger.info("%s=%s: gradient compression enabled for every Accelerator", ENV_VAR, plugin)
+
+
+def _keep_sharded_models_out_of_ddp(accelerator) -> None:
+    """Make ``accelerator.prepare`` leave FSDP2-sharded (heterogeneous-memory) models unwrapped: accelerate would
+    refuse their DTensor parameters under DDP; they get its mixed-precision forward only (``evaluation_mode``)."""
+    from ..memory.sharding import sharded_model_of
+
+    if getattr(accelerator.prepare_model, "_hf_colossal_memory", False):
+        return
+    original = accelerator.prepare_model
+
+    @functools.wraps(original)
+    def prepare_model(model, device_placement=None, evaluation_mode=False):
+        if sharded_model_of(model) is not None:
+            return original(model, device_placement=False, evaluation_mode=True)
+        return original(model, device_placement=device_placement, evaluation_mode=evaluation_mode)
+
+    prepare_model._hf_colossal_memory = True  # type: ignore[attr-defined]
+    accelerator.prepare_model = prepare_model
+
+
+def enable_heterogeneous_memory(accelerator, model, plugin=None, *, optimizer: str = "adamw",
+                                param_groups: Any = None, **hyperparameters: Any):
+    """Shard ``model`` with FSDP2 (bf16 shards) and build its :class:`~hf_colossal.memory.HeterogeneousOptimizer`.
+
+    Call after building the Accelerator and before ``accelerator.prepare``; pass the returned model and optimizer
+    to ``prepare`` (with the dataloaders and scheduler as usual)::
+
+        model, optimizer = enable_heterogeneous_memory(accelerator, model, HeterogeneousMemoryPlugin(), lr=1e-4)
+        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+
+    ``optimizer``: ``"adamw"`` or ``"lamb"``; ``param_groups``: groups over the *sharded* model's parameters given as
+    a callable ``model -> groups`` (default: all parameters in one group)."""
+    from accelerate.utils import DistributedType
+
+    from ..memory import HeterogeneousMemoryPlugin, HeterogeneousOptimizer, shard_model
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED,
+                                        DistributedType.MEGATRON_LM):
+        raise ValueError(f"heterogeneous memory shards the model with FSDP2 itself; launch without "
+                         f"--use_fsdp / --use_deepspeed (this accelerator uses {accelerator.distributed_type})")
+    if accelerator.mixed_precision == "fp16":
+        raise ValueError("heterogeneous memory trains bf16 weights with fp32 masters; fp16 loss scaling is not "
+                         "supported: use mixed_precision='bf16' (or 'no')")
+    plugin = plugin or HeterogeneousMemoryPlugin()
+    sharded = shard_model(model, plugin, device=accelerator.device)
+    params = param_groups(model) if callable(param_groups) else model.parameters()
+    built = HeterogeneousOptimizer(params, sharded, plugin, base=optimizer, **hyperparameters)
+    _keep_sharded_models_out_of_ddp(accelerator)
+    return model, built

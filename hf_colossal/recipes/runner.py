@@ -37,6 +37,19 @@ EMBEDDED_MODELS: dict[str, Callable[[], str]] = {"minilm": minilm_model_path}
 FINISHED_FILES = ("metrics.json", "plot.png")
 
 
+def _plugin_trainer(plugin: Any) -> tuple[str, Callable[[type], type]]:
+    """The Trainer keyword a recipe plugin is passed as, and the function adding its mixin to a Trainer class."""
+    from ..comm.plugin import GradientCompressionPlugin
+
+    if isinstance(plugin, GradientCompressionPlugin):
+        from ..integrations.trainer_compression import compression_trainer_class
+
+        return "gradient_compression", compression_trainer_class
+    from ..integrations.trainer_memory import heterogeneous_memory_trainer_class
+
+    return "heterogeneous_memory", heterogeneous_memory_trainer_class
+
+
 @dataclasses.dataclass
 class TaskSetup:
     model: Any
@@ -264,14 +277,12 @@ def run_recipe(recipe: Recipe) -> dict[str, Any]:
     try:
         setup = TASKS[recipe.task](recipe, args)
         plugins = [build_slot_entry(e, RECIPE_PLUGINS, recipe.source, "plugins") for e in recipe.plugins]
-        compression = [p for p in plugins if type(p).__name__ == "GradientCompressionPlugin"]
         trainer_cls, extra = Trainer, {}
-        if compression:
-            from ..integrations.trainer_compression import compression_trainer_class
-
-            if len(compression) > 1:
-                raise RecipeError(f"{recipe.source}: field 'plugins': gradient_compression given more than once")
-            trainer_cls, extra = compression_trainer_class(Trainer), {"gradient_compression": compression[0]}
+        for plugin in plugins:
+            slot, trainer_class_with = _plugin_trainer(plugin)
+            if slot in extra:
+                raise RecipeError(f"{recipe.source}: field 'plugins': {slot} given more than once")
+            trainer_cls, extra[slot] = trainer_class_with(trainer_cls), plugin
         trainer = trainer_cls(
             **extra,
             model=setup.model,
@@ -295,6 +306,7 @@ def run_recipe(recipe: Recipe) -> dict[str, Any]:
             "global_step": trainer.state.global_step,
             "wall_seconds": round(time.time() - started, 1),
             "optim": str(getattr(args.optim, "value", args.optim)),
+            "plugins": sorted(extra),
         }
         if start_losses:
             metrics["eval_loss_at_start"] = start_losses[0]

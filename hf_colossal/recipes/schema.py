@@ -32,6 +32,7 @@ import yaml
 
 from ..callbacks import LayerStatsCallback, LRScalingCallback, WarmupCallback
 from ..comm.plugin import GradientCompressionPlugin
+from ..memory.plugin import HeterogeneousMemoryPlugin
 
 TASKS = ("sequence_classification", "causal_lm", "image_classification")
 
@@ -89,7 +90,9 @@ class Recipe:
 RECIPE_CALLBACKS: dict[str, type] = {
     "lr_scaling": LRScalingCallback, "warmup": WarmupCallback, "layer_stats": LayerStatsCallback,
 }
-RECIPE_PLUGINS: dict[str, type] = {"gradient_compression": GradientCompressionPlugin}
+RECIPE_PLUGINS: dict[str, type] = {
+    "gradient_compression": GradientCompressionPlugin, "heterogeneous_memory": HeterogeneousMemoryPlugin,
+}
 
 #: Entries users ask for that are refused on purpose, with the reason.
 REFUSED_ENTRIES: dict[str, str] = {

@@ -136,3 +136,12 @@ def test_image_task_needs_a_model_from_config(tmp_path):
     with pytest.raises(RecipeError, match=r"model_type.*allowed: small_cnn"):
         run_recipe(load_recipe("digits_cnn_large_batch", ["model.from_config.model_type=resnet",
                                                           f"training.output_dir={tmp_path}"]))
+
+
+def test_kjv_lm_recipe_with_the_heterogeneous_memory_plugin_and_lamb(tmp_path):
+    out = tmp_path / "kjv_offload"
+    metrics = run_recipe(load_recipe("kjv_causal_lm", [
+        *KJV_TINY, f"training.output_dir={out}", "training.max_steps=60", "training.eval_steps=60",
+        "plugins=[{name: heterogeneous_memory, param_dtype: float32, placement: static, offload_optim_frac: 0.5}]"]))
+    assert metrics["optim"] == "lamb" and metrics["plugins"] == ["heterogeneous_memory"]
+    assert metrics["eval_loss"] < metrics["eval_loss_at_start"] - 0.5

@@ -1,0 +1,386 @@
+"""The heterogeneous optimizer: fp32 master weights and optimizer state per unit, on the GPU or in pinned CPU
+memory, stepped where they live; the CPU steps overlap with the GPU (ZeRO-Offload, Ren et al. 2021, Sec. 4;
+Colossal-AI Gemini's heterogeneous placement).
+
+What the training loop sees is an ordinary ``torch.optim.Optimizer`` over the model's bf16 FSDP2 parameters:
+param groups, ``lr`` set by schedulers, ``step()``, ``state_dict()``. Inside, each unit (see
+:mod:`.placement`) has a *base* optimizer (torch ``AdamW``, fused on both devices, or hf_colossal's ``Lamb``)
+over the fp32 masters of its parameters. One ``step()``:
+
+1. one check that every gradient is finite (one host sync; all ranks agree); a step with inf/NaN gradients is
+   skipped and counted in ``skipped_steps``, no state touched;
+2. offloaded units, last first: bf16 gradient -> fp32 on the GPU and an asynchronous copy into a pinned host
+   buffer (side stream), then the CPU step in a background thread (torch's fused CPU AdamW releases the GIL) and
+   an asynchronous copy of the updated master back to the GPU, cast to bf16 there;
+3. device units: fp32 gradient (one unit at a time), fused step, bf16 copy-back;
+4. ``step()`` returns while the CPU works: a forward pre-hook on each offloaded unit waits for that unit's
+   update (and its copy) just before its next forward, so the result is the same as a synchronous step.
+
+``placement="auto"``: the first step measures the peak memory of forward + backward with every block offloaded,
+plans (:func:`.placement.plan_auto`) and moves the blocks that fit to the device before stepping.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..optim._foreach import evaluate_closure, local_tensors
+from .placement import (
+    GIB,
+    Footprint,
+    MemoryPlanError,
+    available_host_bytes,
+    check_fits,
+    check_host_fits,
+    plan_auto,
+    plan_static,
+)
+from .plugin import BASE_OPTIMIZERS, HeterogeneousMemoryPlugin
+from .sharding import ShardedModel
+
+logger = logging.getLogger(__name__)
+
+BaseFactory = Callable[[list[dict[str, Any]], torch.device], torch.optim.Optimizer]
+
+
+def adamw_factory(groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
+    """torch AdamW, fused on CUDA and on CPU (torch >= 2.4 has a vectorised CPU kernel)."""
+    return torch.optim.AdamW(groups, fused=True)
+
+
+def lamb_factory(groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
+    """hf_colossal's LAMB: foreach on CPU, fused kernel on CUDA."""
+    from ..optim.lamb import Lamb
+
+    return Lamb(groups)
+
+
+BASE_FACTORIES: dict[str, BaseFactory] = {"adamw": adamw_factory, "lamb": lamb_factory}
+
+
+@dataclasses.dataclass
+class _UnitRuntime:
+    """One unit's masters, its base optimizer and, when offloaded, its pending CPU work."""
+
+    index: int
+    names: list[str]
+    params: list[Tensor]  # the model's (bf16, FSDP2) parameters
+    masters: list[Tensor]  # fp32 local shards, same order
+    group_of: list[int]  # outer param-group index of each parameter
+    on_device: bool = True
+    base: torch.optim.Optimizer | None = None
+    inner_groups: list[tuple[dict[str, Any], int]] = dataclasses.field(default_factory=list)
+    future: concurrent.futures.Future | None = None
+    copied_back: Any = None  # CUDA event: updated bf16 weights are on the device
+
+
+class HeterogeneousOptimizer(torch.optim.Optimizer):
+    """Master weights and optimizer state split between GPU and CPU by unit (see module docstring).
+
+    ``params``: the sharded model's parameters or param groups (Trainer's decay / no-decay groups work);
+    ``sharded``: what :func:`~hf_colossal.memory.sharding.shard_model` returned; ``base``: ``"adamw"`` or
+    ``"lamb"``; remaining keywords are the base optimizer's hyperparameters (``lr``, ``betas``, ``eps``,
+    ``weight_decay``, ...)."""
+
+    def __init__(self, params: Any, sharded: ShardedModel, plugin: HeterogeneousMemoryPlugin | None = None,
+                 base: str = "adamw", **defaults: Any) -> None:
+        if base not in BASE_FACTORIES:
+            raise ValueError(f"HeterogeneousOptimizer: base optimizer {base!r} is not supported; valid choices: "
+                             f"{sorted(BASE_FACTORIES)}")
+        if base == "lamb" and sharded.world_size > 1:
+            raise ValueError("HeterogeneousOptimizer(base='lamb') needs whole-parameter norms, which sharded "
+                             "masters do not have at world size > 1; use base='adamw' or one process")
+        defaults.setdefault("lr", 1e-3)
+        super().__init__(params, defaults)
+        self.plugin = plugin or HeterogeneousMemoryPlugin()
+        self.sharded = sharded
+        self.device = sharded.device
+        self.base_name = base
+        self._factory = BASE_FACTORIES[base]
+        low_precision_bytes = next(iter(sharded.model.parameters())).element_size()
+        self.footprint = Footprint.for_optimizer(BASE_OPTIMIZERS[base], low_precision_bytes)
+        self.skipped_steps = 0
+        self._pin = self.plugin.pin_memory and torch.cuda.is_available()
+        self._cuda = self.device.type == "cuda"
+        self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._executor = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hf_colossal_cpu_step")
+                          if self.plugin.overlap else None)
+        self._units = self._build_units()
+        if self.plugin.placement == "static":
+            self.plan = plan_static(sharded.units, self.plugin.offload_optim_frac, self.footprint,
+                                    sharded.offloadable)
+            capacity = self._capacity_bytes()
+            if capacity is not None:
+                check_fits(self.plan, capacity)
+            self._planned = True
+        else:  # auto: measure a first step with every block offloaded, then plan
+            self.plan = plan_static(sharded.units, 1.0, self.footprint, sharded.offloadable)
+            self._planned = False
+            if self._cuda:
+                torch.cuda.reset_peak_memory_stats(self.device)
+                self._baseline_bytes = torch.cuda.memory_allocated(self.device)
+        held = sum(m.numel() * 4 for u in self._units for m in u.masters if m.device.type == "cpu")
+        check_host_fits(self.plan, held, available_host_bytes())
+        for unit, on_device in zip(self._units, self.plan.on_device):
+            self._place(unit, on_device)
+        self._hooks = [module.register_forward_pre_hook(self._pre_forward_hook(unit), prepend=True)
+                       for unit, module in zip(self._units, sharded.modules) if unit.index > 0]
+        self._hooks.append(sharded.model.register_state_dict_pre_hook(lambda *args, **kwargs: self.synchronize()))
+        logger.info("heterogeneous memory: %s", self.plan.describe())
+
+    # ----------------------------------------------------------------------------------------------------------
+    # set-up
+
+    def _build_units(self) -> list[_UnitRuntime]:
+        group_of = {id(p): gi for gi, group in enumerate(self.param_groups) for p in group["params"]}
+        named = dict(self.sharded.model.named_parameters())
+        known = {id(p) for p in named.values()}
+        stray = [p for p in group_of if p not in known]
+        if stray:
+            raise ValueError(f"HeterogeneousOptimizer: {len(stray)} parameter(s) are not parameters of the sharded "
+                             "model; build the optimizer after shard_model(), from the sharded model's parameters")
+        units = []
+        for unit, names in zip(self.sharded.units, self.sharded.param_names):
+            trained = [n for n in names if id(named[n]) in group_of]
+            units.append(_UnitRuntime(index=unit.index, names=trained, params=[named[n] for n in trained],
+                                      masters=[self.sharded.masters[n] for n in trained],
+                                      group_of=[group_of[id(named[n])] for n in trained]))
+        return units
+
+    def _capacity_bytes(self) -> int | None:
+        if self.plugin.device_memory_gib is not None:
+            return int(self.plugin.device_memory_gib * GIB)
+        if self._cuda:
+            return torch.cuda.get_device_properties(self.device).total_memory
+        return None
+
+    def _place(self, unit: _UnitRuntime, on_device: bool) -> None:
+        """Put ``unit``'s masters (and base-optimizer state, if any) on the device or in (pinned) host memory."""
+        target = self.device if on_device else torch.device("cpu")
+        old_state = unit.base.state if unit.base is not None else {}
+
+        def move(tensor: Tensor) -> Tensor:
+            moved = tensor.to(target, copy=tensor.device != target)
+            return moved.pin_memory() if target.type == "cpu" and self._pin and not moved.is_pinned() else moved
+
+        new_masters = [move(m) for m in unit.masters]
+        groups: dict[int, dict[str, Any]] = {}
+        for master, gi in zip(new_masters, unit.group_of):
+            if gi not in groups:
+                hyper = {k: v for k, v in self.param_groups[gi].items() if k != "params"}
+                groups[gi] = {**hyper, "params": []}
+            groups[gi]["params"].append(master)
+        unit.base = self._factory(list(groups.values()), target) if groups else None
+        unit.inner_groups = list(zip(unit.base.param_groups, groups)) if unit.base is not None else []
+        for old, new in zip(unit.masters, new_masters):
+            if old in old_state:
+                unit.base.state[new] = {k: move(v) if torch.is_tensor(v) else v for k, v in old_state[old].items()}
+        unit.masters = new_masters
+        unit.on_device = on_device
+        self.sharded.masters.update(zip(unit.names, new_masters))  # one reference: the old copy is freed
+
+    # ----------------------------------------------------------------------------------------------------------
+    # overlap: waiting for a unit's CPU step
+
+    def _pre_forward_hook(self, unit: _UnitRuntime):
+        def hook(module, args):
+            self._wait(unit)
+
+        return hook
+
+    def _wait(self, unit: _UnitRuntime) -> None:
+        if unit.future is not None:
+            future, unit.future = unit.future, None
+            future.result()
+        if unit.copied_back is not None:
+            torch.cuda.current_stream(self.device).wait_event(unit.copied_back)
+            unit.copied_back = None
+
+    def synchronize(self) -> None:
+        """Wait for every pending CPU step and its copy back (done before state_dict and model saving)."""
+        for unit in self._units:
+            self._wait(unit)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # the step
+
+    def _grads_finite(self) -> bool:
+        grads = [p.grad for unit in self._units for p in unit.params if p.grad is not None]
+        if not grads:
+            return True
+        norms = torch._foreach_norm(local_tensors(grads))
+        finite = torch.stack([n.float() for n in norms]).isfinite().all().to(torch.int32)
+        if self.sharded.world_size > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
+    def _replan(self) -> None:
+        """placement='auto', first step: plan from the measured activation peak and move blocks to the device."""
+        capacity = self._capacity_bytes()
+        if capacity is None:
+            raise MemoryPlanError("placement='auto' on a device without memory statistics needs device_memory_gib")
+        grads = sum(p.grad.numel() * p.grad.element_size() for u in self._units for p in u.params
+                    if p.grad is not None)
+        activation = 0
+        if self._cuda:
+            activation = max(0, torch.cuda.max_memory_allocated(self.device) - self._baseline_bytes - grads)
+        self.plan = plan_auto(self.sharded.units, self.footprint, capacity, activation,
+                              int(self.plugin.auto_margin_gib * GIB), self.sharded.offloadable)
+        for unit, on_device in zip(self._units, self.plan.on_device):
+            if unit.on_device != on_device:
+                self._place(unit, on_device)
+        self._planned = True
+        logger.info("heterogeneous memory: %s", self.plan.describe())
+
+    def _sync_hyperparameters(self, unit: _UnitRuntime) -> None:
+        for inner, gi in unit.inner_groups:
+            for key, value in self.param_groups[gi].items():
+                if key != "params":
+                    inner[key] = value
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = evaluate_closure(closure)
+        self.synchronize()
+        if not self._planned:
+            self._replan()
+        if not self._grads_finite():
+            self.skipped_steps += 1
+            logger.warning("heterogeneous memory: non-finite gradients, step skipped (%d so far); master weights "
+                           "and optimizer state unchanged", self.skipped_steps)
+            return loss
+        work = [(unit, [(p, m) for p, m in zip(unit.params, unit.masters) if p.grad is not None])
+                for unit in self._units]
+        work = [(unit, pairs) for unit, pairs in work if pairs and unit.base is not None]
+        for unit, pairs in reversed(work):  # offloaded blocks first: their copies and CPU steps start earliest
+            if not unit.on_device:
+                self._sync_hyperparameters(unit)
+                self._host_step(unit, pairs)
+        for unit, pairs in work:
+            if unit.on_device:
+                self._sync_hyperparameters(unit)
+                self._device_step(unit, pairs)
+        return loss
+
+    def _device_step(self, unit: _UnitRuntime, pairs: list[tuple[Tensor, Tensor]]) -> None:
+        params = [p for p, _ in pairs]
+        masters = [m for _, m in pairs]
+        for master, grad in zip(masters, local_tensors([p.grad for p in params])):
+            master.grad = grad.to(torch.float32)
+        unit.base.step()
+        for master in masters:
+            master.grad = None
+        torch._foreach_copy_(local_tensors(params), masters)
+
+    def _host_step(self, unit: _UnitRuntime, pairs: list[tuple[Tensor, Tensor]]) -> None:
+        params = [p for p, _ in pairs]
+        masters = [m for _, m in pairs]
+        grads = local_tensors([p.grad for p in params])
+        for master in masters:
+            if master.grad is None:
+                master.grad = torch.empty_like(master, pin_memory=self._pin)
+        grads_ready = None
+        if self._cuda:
+            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._copy_stream):
+                for master, grad in zip(masters, grads):
+                    grad.record_stream(self._copy_stream)
+                    master.grad.copy_(grad.to(torch.float32), non_blocking=True)
+                grads_ready = torch.cuda.Event()
+                grads_ready.record(self._copy_stream)
+        else:
+            for master, grad in zip(masters, grads):
+                master.grad.copy_(grad)
+        targets = local_tensors(params)
+
+        def cpu_step() -> None:
+            if grads_ready is not None:
+                grads_ready.synchronize()
+            unit.base.step()
+            if not self._cuda:
+                torch._foreach_copy_(targets, masters)
+                return
+            with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
+                for target, master in zip(targets, masters):
+                    target.copy_(master.to(self.device, non_blocking=True))
+                done = torch.cuda.Event()
+                done.record(self._copy_stream)
+            unit.copied_back = done
+
+        if self._executor is None:
+            cpu_step()
+        else:
+            unit.future = self._executor.submit(cpu_step)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # state
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's layout (``state`` by parameter index, ``param_groups``); each entry also holds ``master``, the
+        fp32 local shard, so a resumed run continues from full-precision weights."""
+        self.synchronize()
+        index = {id(p): i for i, p in enumerate(self._all_params())}
+        state: dict[int, dict[str, Any]] = {}
+        for unit in self._units:
+            for param, master in zip(unit.params, unit.masters):
+                entry = dict(unit.base.state.get(master, {})) if unit.base is not None else {}
+                entry["master"] = master
+                state[index[id(param)]] = entry
+        groups = []
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            packed["params"] = [index[id(p)] for p in group["params"]]
+            groups.append(packed)
+        return {"state": state, "param_groups": groups, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.synchronize()
+        groups = state_dict["param_groups"]
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError("HeterogeneousOptimizer.load_state_dict: the saved param groups do not match this "
+                             "optimizer's (different model or parameter grouping)")
+        for group, saved in zip(self.param_groups, groups):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        params = self._all_params()
+        by_id = {id(p): i for i, p in enumerate(params)}
+        saved_state = {int(k): v for k, v in state_dict["state"].items()}
+        for unit in self._units:
+            if unit.base is None:
+                continue
+            for param, master in zip(unit.params, unit.masters):
+                entry = dict(saved_state.get(by_id[id(param)], {}))
+                saved_master = entry.pop("master", None)
+                if saved_master is not None:
+                    if saved_master.shape != master.shape:
+                        raise ValueError(f"HeterogeneousOptimizer.load_state_dict: saved master of shape "
+                                         f"{tuple(saved_master.shape)} for a local shard of shape "
+                                         f"{tuple(master.shape)} (saved at another world size?)")
+                    master.copy_(saved_master)
+                    (local,) = local_tensors([param])
+                    with torch.no_grad():
+                        local.copy_(master)
+                if entry:
+                    unit.base.state[master] = {k: v.to(master.device, copy=True) if torch.is_tensor(v) else v
+                                               for k, v in entry.items()}
+            for inner, gi in unit.inner_groups:
+                inner.update({k: v for k, v in self.param_groups[gi].items() if k != "params"})
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+
+    def close(self) -> None:
+        """Finish pending work, remove the hooks and stop the worker thread."""
+        self.synchronize()
+        for handle in self._hooks:
+            handle.remove()
+        if self._executor is not None:
+            self._executor.shutdown()

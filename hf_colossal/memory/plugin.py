@@ -1,0 +1,63 @@
+"""``HeterogeneousMemoryPlugin``: FSDP2 sharding plus GPU / CPU placement of master weights and optimizer state.
+
+The one config object behind every route (accelerate script, Trainer mixin, recipe ``plugins:
+heterogeneous_memory``). A frozen :class:`~hf_colossal.config.OptionsConfig`: validated when built, and errors
+list every valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Literal
+
+from ..config import OptionsConfig, OptionsError
+
+#: base optimizers the heterogeneous optimizer can run on both devices (name -> optimizer states per parameter)
+BASE_OPTIMIZERS = {"adamw": 2, "lamb": 2}
+
+
+def _field(default, help_text: str):
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+@dataclasses.dataclass(frozen=True)
+class HeterogeneousMemoryPlugin(OptionsConfig):
+    """Gemini-style heterogeneous memory on FSDP2 (Colossal-AI's Gemini; ZeRO-Offload, Ren et al. 2021).
+
+    Parameters are bf16 FSDP2 shards on the GPU; each unit's fp32 master weights and optimizer state live on the
+    GPU or in pinned CPU memory; offloaded units are stepped on the CPU while the GPU runs on.
+    """
+
+    subject: ClassVar[str] = "HeterogeneousMemoryPlugin (recipe plugins: heterogeneous_memory)"
+
+    param_dtype: Literal["bfloat16", "float32"] = _field(
+        "bfloat16", "dtype of the sharded parameters the model computes with (float32: fp32 training with only the "
+                    "optimizer state and master copy placed; no low-precision copy)")
+    placement: Literal["auto", "static"] = _field(
+        "auto", "auto: size the GPU-resident share from the first step's measured activation peak; static: use "
+                "offload_optim_frac")
+    offload_optim_frac: float = _field(1.0, "static: fraction of the blocks' parameters whose fp32 master and "
+                                            "optimizer state live on the CPU (the last blocks first)")
+    auto_margin_gib: float = _field(2.0, "auto: GiB of device memory left free besides the measured peak")
+    device_memory_gib: float | None = _field(None, "device capacity to plan for (default: the GPU's total memory)")
+    unit_classes: tuple[str, ...] = _field((), "module class names sharded as units (default: the model's "
+                                                "_no_split_modules)")
+    reshard_after_forward: bool = _field(True, "FSDP2: free gathered parameters after forward (world size > 1: "
+                                               "False trades memory for one all-gather less)")
+    overlap: bool = _field(True, "run offloaded units' optimizer steps in a background thread, joined before each "
+                                 "unit's next forward (False: inline, for debugging)")
+    pin_memory: bool = _field(True, "pin host buffers (needed for asynchronous copies; ignored without CUDA)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        problems = []
+        if not 0.0 <= self.offload_optim_frac <= 1.0:
+            problems.append(f"offload_optim_frac must be in [0, 1], got {self.offload_optim_frac}")
+        if self.auto_margin_gib < 0:
+            problems.append(f"auto_margin_gib must be >= 0, got {self.auto_margin_gib}")
+        if self.device_memory_gib is not None and self.device_memory_gib <= 0:
+            problems.append(f"device_memory_gib must be > 0, got {self.device_memory_gib}")
+        if self.placement == "auto" and self.offload_optim_frac != 1.0:
+            problems.append("offload_optim_frac applies to placement='static' only")
+        if problems:
+            raise OptionsError(f"{self.subject}: " + "; ".join(problems) + ".\n" + self.describe())

@@ -9,8 +9,9 @@ over the fp32 masters of its parameters. One ``step()``:
 
 1. one check that every gradient is finite (one host sync; all ranks agree); a step with inf/NaN gradients is
    skipped and counted in ``skipped_steps``, no state touched;
-2. offloaded units, last first: bf16 gradient -> fp32 on the GPU and an asynchronous copy into a pinned host
-   buffer (side stream), then the CPU step in a background thread (torch's fused CPU AdamW releases the GIL) and
+2. offloaded units, in forward order: bf16 gradient -> fp32 on the GPU and an asynchronous copy into a pinned host
+   buffer (side stream), then the CPU step in a background thread (torch's fused CPU AdamW releases the GIL; the
+   thread uses all cores but one, which stays with the thread that launches GPU work) and
    an asynchronous copy of the updated master back to the GPU, cast to bf16 there;
 3. device units: fp32 gradient (one unit at a time), fused step, bf16 copy-back;
 4. ``step()`` returns while the CPU works: a forward pre-hook on each offloaded unit waits for that unit's
@@ -25,6 +26,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -111,8 +113,10 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
         self._pin = self.plugin.pin_memory and torch.cuda.is_available()
         self._cuda = self.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
-        self._executor = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hf_colossal_cpu_step")
-                          if self.plugin.overlap else None)
+        self._executor = (concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="hf_colossal_cpu_step", initializer=torch.set_num_threads,
+            initargs=(self.plugin.cpu_threads or max(1, (os.cpu_count() or 2) - 1),))
+            if self.plugin.overlap else None)
         self._units = self._build_units()
         if self.plugin.placement == "static":
             self.plan = plan_static(sharded.units, self.plugin.offload_optim_frac, self.footprint,
@@ -260,8 +264,8 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
         work = [(unit, [(p, m) for p, m in zip(unit.params, unit.masters) if p.grad is not None])
                 for unit in self._units]
         work = [(unit, pairs) for unit, pairs in work if pairs and unit.base is not None]
-        for unit, pairs in reversed(work):  # offloaded blocks first: their copies and CPU steps start earliest
-            if not unit.on_device:
+        for unit, pairs in work:  # offloaded blocks first, in forward order: the next forward can start on the
+            if not unit.on_device:  # first offloaded block while the CPU steps the later ones
                 self._sync_hyperparameters(unit)
                 self._host_step(unit, pairs)
         for unit, pairs in work:

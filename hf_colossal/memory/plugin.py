@@ -46,6 +46,8 @@ class HeterogeneousMemoryPlugin(OptionsConfig):
                                                "False trades memory for one all-gather less)")
     overlap: bool = _field(True, "run offloaded units' optimizer steps in a background thread, joined before each "
                                  "unit's next forward (False: inline, for debugging)")
+    cpu_threads: int | None = _field(None, "intra-op threads of the CPU optimizer step (default: all cores but "
+                                           "one, left to the thread that launches GPU work)")
     pin_memory: bool = _field(True, "pin host buffers (needed for asynchronous copies; ignored without CUDA)")
 
     def __post_init__(self) -> None:
@@ -57,6 +59,8 @@ class HeterogeneousMemoryPlugin(OptionsConfig):
             problems.append(f"auto_margin_gib must be >= 0, got {self.auto_margin_gib}")
         if self.device_memory_gib is not None and self.device_memory_gib <= 0:
             problems.append(f"device_memory_gib must be > 0, got {self.device_memory_gib}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            problems.append(f"cpu_threads must be >= 1, got {self.cpu_threads}")
         if self.placement == "auto" and self.offload_optim_frac != 1.0:
             problems.append("offload_optim_frac applies to placement='static' only")
         if problems:

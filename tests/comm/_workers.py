@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 
@@ -283,4 +284,11 @@ def trainer_worker(rank, world_size, port, out_path, tmp):
         exact=all(torch.equal(a, b) for a, b in zip(params, resumed.model.parameters())),
     )
     torch.save(result, f"{out_path}.{rank}")
+    # Trainer's last collective (store_flos's all_gather) ended milliseconds ago, and its gloo thread may still have
+    # to take the GIL to free that work's Python tensors. Destroying the group then (here: when the Trainers' DDP
+    # reducers, its last owners, die on return) joins gloo's threads with the GIL held: a deadlock. So free the
+    # Trainers while the group is registered and let gloo settle in a barrier (the GIL released) before destroying.
+    del straight, resumed, controller
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()

@@ -211,9 +211,6 @@ def test_resume_at_another_world_size_resets_error_feedback_with_a_warning(suite
     assert r["world_size_warning"] and r["residuals_reset"]
 
 
-@pytest.mark.skip(reason="known bug, open in issue 8: with HF_COLOSSAL_COMPRESSION=powersgd the stock Trainer under "
-                  "2-process gloo hangs intermittently (2 of 4 runs, also before the duplicate clean-up); a hang "
-                  "would stall CI, so it is not run until fixed")
 def test_stock_trainer_enabled_by_environment_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_COLOSSAL_COMPRESSION", "method=powersgd,rank=2")
     mp.spawn(W.trainer_worker, args=(2, 29812, str(tmp_path / "out"), str(tmp_path)), nprocs=2, join=True)

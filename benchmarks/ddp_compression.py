@@ -222,26 +222,37 @@ def main():
     args = parser.parse_args()
     if args.tiny:
         args.steps, args.skip, args.batch, args.seq, args.eval_blocks, args.warmup = 12, 2, 4, 64, 16, 2
-    backend = "nccl" if torch.cuda.is_available() and not args.tiny else "gloo"
+    device, rank, world = start_process_group(args.tiny)
+    data = kjv_blocks(args.seq, 512 if args.tiny else 8192, 3000 if args.tiny else None)
+    run_and_record(args.methods.split(","), lambda method: run(method, args, data, device, rank, world), rank,
+                   args.out)
+    dist.destroy_process_group()
+
+
+def start_process_group(tiny: bool) -> tuple[torch.device, int, int]:
+    """NCCL with one GPU per process, or gloo on the CPU (``tiny``, or no GPU): (device, rank, world size)."""
+    backend = "nccl" if torch.cuda.is_available() and not tiny else "gloo"
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
-        device = torch.device("cpu")
-    data = kjv_blocks(args.seq, 512 if args.tiny else 8192, 3000 if args.tiny else None)
+        return torch.device("cuda", torch.cuda.current_device()), rank, world
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    return torch.device("cpu"), rank, world
+
+
+def run_and_record(names, run_one, rank: int, out: str | None) -> list[dict]:
+    """``run_one(name)`` for each name; rank 0 prints each result and rewrites ``out`` (a JSON list) after every
+    one, so a run cut short keeps what it finished."""
     results = []
-    for method in args.methods.split(","):
-        result = run(method, args, data, device, rank, world)
-        results.append(result)
+    for name in names:
+        results.append(run_one(name))
         if rank == 0:
-            print("RESULT " + json.dumps(result), flush=True)
-            if args.out:  # after every method: a run cut short keeps what it finished
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps(results, indent=2))
-    dist.destroy_process_group()
+            print("RESULT " + json.dumps(results[-1]), flush=True)
+            if out:
+                Path(out).parent.mkdir(parents=True, exist_ok=True)
+                Path(out).write_text(json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":

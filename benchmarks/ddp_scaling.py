@@ -33,12 +33,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
-import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -143,32 +140,20 @@ def main():
     args = parser.parse_args()
     if args.tiny:
         args.steps, args.warm, args.seq = 10, 2, 64
-    backend = "nccl" if torch.cuda.is_available() and not args.tiny else "gloo"
-    dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
-        device = torch.device("cpu")
+    device, rank, world = ddp_compression.start_process_group(args.tiny)
     if rank == 0:
         import transformers
 
-        print(f"world {world} backend {backend} device "
+        print(f"world {world} backend {dist.get_backend()} device "
               f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} torch {torch.__version__} "
               f"transformers {transformers.__version__}", flush=True)
-    results = []
-    for name in args.optimizers.split(","):
+    def timed(name):
         started = time.time()
         result = run(name, args, device, rank, world)
         result["wall_s"] = round(time.time() - started, 1)
-        results.append(result)
-        if rank == 0:
-            print("RESULT " + json.dumps(result), flush=True)
-            if args.out:  # after every optimizer: a run cut short keeps what it finished
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps(results, indent=2))
+        return result
+
+    ddp_compression.run_and_record(args.optimizers.split(","), timed, rank, args.out)
     dist.destroy_process_group()
 
 

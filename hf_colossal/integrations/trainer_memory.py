@@ -9,13 +9,12 @@ What Trainer would do and why each is replaced (``shared/notes/hf-integration.md
 - ``create_optimizer`` builds :class:`~hf_colossal.memory.HeterogeneousOptimizer` with Trainer's decay / no-decay
   groups and ``--learning_rate``, ``--adam_beta1/2``, ``--adam_epsilon``; ``--optim`` picks the base rule
   (``adamw*`` -> AdamW, ``lamb`` -> LAMB);
-- ``save_model`` writes the fp32 master weights as ``model.safetensors`` (``save_pretrained``): loadable with
-  ``from_pretrained`` and no hf_colossal;
-- resume: the optimizer checkpoint holds the fp32 masters, so ``_load_from_checkpoint`` leaves the weights to
-  ``_load_optimizer_and_scheduler`` (the bf16 shards are set from the masters there) and the run continues exactly.
-
-One process only for now: the optimizer's masters are per-rank shards and Trainer saves the optimizer from rank 0.
-Multi-GPU runs use the accelerate route (:func:`hf_colossal.integrations.accelerate.enable_heterogeneous_memory`).
+- ``save_model`` writes the fp32 master weights as ``model.safetensors`` (``save_pretrained``; gathered from
+  every rank's shards): loadable with ``from_pretrained`` and no hf_colossal;
+- checkpoints: the optimizer goes into a DCP folder (``hf_colossal_memory/``: every rank writes its shards of
+  masters and state, :mod:`hf_colossal.memory.checkpoint`) and the scheduler into Trainer's usual file; resume
+  reads them back and sets the bf16 shards from the masters, so ``_load_from_checkpoint`` leaves the weights alone
+  and the run continues exactly.
 """
 
 from __future__ import annotations
@@ -23,11 +22,22 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..memory import HeterogeneousMemoryPlugin, HeterogeneousOptimizer, shard_model, sharded_model_of
+import torch
+
+from ..memory import (
+    HeterogeneousMemoryPlugin,
+    HeterogeneousOptimizer,
+    load_checkpoint,
+    save_checkpoint,
+    shard_model,
+    sharded_model_of,
+)
 from .accelerate import _keep_sharded_models_out_of_ddp
 
 #: ``--optim`` values and the base rule they select
 BASE_FOR_OPTIM = {"lamb": "lamb"}
+#: the DCP folder inside a Trainer checkpoint
+CHECKPOINT_FOLDER = "hf_colossal_memory"
 
 
 def base_optimizer_for(optim: Any) -> str:
@@ -67,11 +77,6 @@ class HeterogeneousMemoryTrainerMixin:
             if args.fp16:
                 raise ValueError("heterogeneous memory trains bf16 weights with fp32 masters; --fp16 loss scaling "
                                  "is not supported: use --bf16 (or neither)")
-            if args.world_size > 1:
-                raise ValueError("heterogeneous memory under Trainer runs in one process for now (Trainer saves the "
-                                 "optimizer from rank 0, the masters are per-rank shards); for several GPUs use "
-                                 "hf_colossal.integrations.accelerate.enable_heterogeneous_memory in an accelerate "
-                                 "script")
             base_optimizer_for(args.optim)  # fail before sharding
             if sharded_model_of(model) is None:
                 shard_model(model, self.heterogeneous_memory, device=args.device)
@@ -106,30 +111,70 @@ class HeterogeneousMemoryTrainerMixin:
                 betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
         return self.optimizer
 
+    @property
+    def _heterogeneous_optimizer(self) -> HeterogeneousOptimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         sharded = self._sharded
         if sharded is None:
             return super().save_model(output_dir, _internal_call)  # type: ignore[misc]
         output_dir = output_dir or self.args.output_dir
         if self.optimizer is not None:
-            getattr(self.optimizer, "optimizer", self.optimizer).synchronize()  # accelerate wraps it
+            self._heterogeneous_optimizer.synchronize()
+        state = full_master_weights(sharded)  # a collective: every rank takes part
         if self.args.should_save:
+            from transformers.trainer import TRAINING_ARGS_NAME
+
             os.makedirs(output_dir, exist_ok=True)
-            state = {name: master.detach().cpu() for name, master in sharded.masters.items()}
             sharded.model.save_pretrained(output_dir, state_dict=state, safe_serialization=True)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
-            import torch
-
-            from transformers.trainer import TRAINING_ARGS_NAME
-
             torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        return None
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if self._sharded is None:
+            return super()._save_optimizer_and_scheduler(output_dir)  # type: ignore[misc]
+        from transformers.trainer import SCHEDULER_NAME
+
+        save_checkpoint(self._heterogeneous_optimizer, os.path.join(output_dir, CHECKPOINT_FOLDER))
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+        return None
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if self._sharded is None or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
+        from transformers.trainer import SCHEDULER_NAME
+
+        folder = os.path.join(checkpoint, CHECKPOINT_FOLDER)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{checkpoint} has no {CHECKPOINT_FOLDER}/ folder: it was not saved by a "
+                                    "heterogeneous-memory run, so its optimizer state (and fp32 masters) cannot be "
+                                    "restored; start from its weights with from_pretrained instead")
+        load_checkpoint(self._heterogeneous_optimizer, folder)
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
         return None
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         if self._sharded is None:
             super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
         # else: the fp32 masters come with the optimizer state (_load_optimizer_and_scheduler)
+
+
+def full_master_weights(sharded) -> dict[str, torch.Tensor]:
+    """Every parameter's full fp32 master on the CPU, gathered from the ranks' shards (call on every rank)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    state = {}
+    for name, param in sharded.model.named_parameters():
+        master = sharded.masters[name]
+        if isinstance(param, DTensor) and sharded.world_size > 1:
+            master = DTensor.from_local(master.to(sharded.device), sharded.mesh, [Shard(0)], run_check=False,
+                                        shape=param.shape, stride=param.stride()).full_tensor()
+        state[name] = master.detach().cpu()
+    return state
 
 
 def heterogeneous_memory_trainer_class(trainer_cls: type) -> type:

@@ -2,13 +2,18 @@
 resume from a checkpoint, and the errors for settings it does not support."""
 
 import functools
+import gc
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from transformers import AutoModelForSequenceClassification, Trainer
 
-from hf_colossal.integrations.trainer_memory import heterogeneous_memory_trainer_class
+from hf_colossal.integrations.trainer_memory import full_master_weights, heterogeneous_memory_trainer_class
 from hf_colossal.memory import HeterogeneousOptimizer, sharded_model_of
+
+from tests.comm._workers import init
 
 from .subprocesses import run_python
 from .trainers import make_trainer
@@ -74,3 +79,30 @@ def test_accelerate_script_shards_and_offloads_over_two_processes():
     losses = {int(line.split()[1]): float(line.split()[-1]) for line in result.stdout.splitlines()
               if line.startswith("step ")}
     assert losses[8] < losses[1] - 0.2
+
+
+def _two_process_worker(rank, world_size, port, tmp, tokenized, minilm_path):
+    init(rank, world_size, port, accelerate_env=True)
+    straight = _trainer(tmp / "run", tokenized, minilm_path, per_device_train_batch_size=4)
+    straight.train()
+    final = _masters(straight)
+    straight.save_model(str(tmp / "saved"))  # every rank: the full weights are gathered from the shards
+    resumed = _trainer(tmp / "run", tokenized, minilm_path, per_device_train_batch_size=4)
+    resumed.train(resume_from_checkpoint=str(tmp / "run" / "checkpoint-2"))
+    again = _masters(resumed)
+    result = dict(world=sharded_model_of(straight.model).world_size, full=full_master_weights(
+        sharded_model_of(straight.model)), exact=all(torch.equal(final[k], again[k]) for k in final))
+    torch.save(result, tmp / f"result.{rank}")
+    del straight, resumed  # free the Trainers while the group lives (see tests/comm/_workers.trainer_worker)
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_two_process_trainer_shards_saves_full_weights_and_resumes_exactly(tmp_path, tokenized, minilm_path):
+    mp.spawn(_two_process_worker, args=(2, 29749, tmp_path, tokenized, minilm_path), nprocs=2)
+    results = [torch.load(tmp_path / f"result.{rank}", weights_only=False) for rank in range(2)]
+    assert [r["world"] for r in results] == [2, 2] and all(r["exact"] for r in results)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "saved"))
+    for name, param in reloaded.named_parameters():
+        assert torch.equal(param.detach(), results[0]["full"][name]), name

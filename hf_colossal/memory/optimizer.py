@@ -14,8 +14,8 @@ over the fp32 masters of its parameters. One ``step()``:
    thread uses all cores but one, which stays with the thread that launches GPU work) and
    an asynchronous copy of the updated master back to the GPU, cast to bf16 there;
 3. device units: fp32 gradient (one unit at a time), fused step, bf16 copy-back;
-4. ``step()`` returns while the CPU works: a forward pre-hook on each offloaded unit waits for that unit's
-   update (and its copy) just before its next forward, so the result is the same as a synchronous step.
+4. ``step()`` returns while the CPU works: a forward pre-hook on each offloaded unit waits (on the host) for that
+   unit's update and its copy back just before its next forward, so the result is the same as a synchronous step.
 
 ``placement="auto"``: a first plan keeps on the device the leading blocks that fit next to ``auto_margin_gib``;
 the first step measures the peak memory of forward + backward, re-plans (:func:`.placement.plan_auto`) and moves
@@ -211,7 +211,9 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
             future, unit.future = unit.future, None
             future.result()
         if unit.copied_back is not None:
-            torch.cuda.current_stream(self.device).wait_event(unit.copied_back)
+            # A host wait, not a stream wait: FSDP2 gathers a block's shards on its own copy-in stream, which
+            # waits on the compute stream once per forward (at the root), before this hook runs.
+            unit.copied_back.synchronize()
             unit.copied_back = None
 
     def synchronize(self) -> None:

@@ -20,6 +20,18 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _no_leftover_process_group():
+    """A test that starts the default process group in this process (heterogeneous memory starts a one-process
+    group for FSDP2 when none exists) must not leave it to the next test, which may start its own."""
+    import torch.distributed as dist
+
+    started_before = dist.is_available() and dist.is_initialized()
+    yield
+    if not started_before and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @pytest.fixture
 def one_thread():
     """torch on one CPU thread for the test: small batched kernels (K-FAC's Cholesky inverses, convolutions) run

@@ -60,6 +60,19 @@ def all_gather_flat(tensor: torch.Tensor, group, world_size: int, counter: ByteC
     return work.get_future().then(lambda _fut: out)
 
 
+def used_on_current_stream(*tensors: torch.Tensor | None) -> None:
+    """Call inside a future callback on each tensor the callback reads that was made before it, on the hook's
+    stream. On CUDA a callback of a NCCL future runs on a stream from torch's pool (``ivalue::Future`` waits for
+    the collective there), while the hook's own stream goes on with backward and the next buckets. The hook's
+    temporaries are freed when it returns, and the caching allocator gives their memory back to the hook's stream at
+    once, so the next bucket could overwrite them before the callback's kernels have read them. ``record_stream``
+    holds the memory until the work now queued on this stream is done. (The future's own value needs nothing: the
+    future records it on the callback's stream.) Nothing to do on CPU."""
+    for t in tensors:
+        if t is not None and t.is_cuda:
+            t.record_stream(torch.cuda.current_stream(t.device))
+
+
 def finite_flag(tensor: torch.Tensor) -> torch.Tensor:
     """A 0-d bool tensor on the tensor's device (no host synchronisation)."""
     return torch.isfinite(tensor).all()

@@ -23,7 +23,8 @@ from collections import defaultdict
 
 import torch
 
-from ._common import ByteCounter, ErrorFeedbackCompressor, Future, all_reduce_sum, completed_future
+from ._common import (ByteCounter, ErrorFeedbackCompressor, Future, all_reduce_sum, completed_future,
+                      used_on_current_stream)
 
 
 def orthogonalize(P: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -95,6 +96,9 @@ class PowerSGD(ErrorFeedbackCompressor):
         payload1 = torch.cat([plain_flat] + [s[2].reshape(-1) for s in stacks.values()])
 
         def after_p(fut: Future) -> Future:
+            # the stacked matrices were made on the hook's stream and are read here and in finish (on CUDA: on the
+            # callback's stream, while the hook's stream goes on): keep their memory until these reads are done
+            used_on_current_stream(scale, *(s[0] for s in stacks.values()))
             summed = fut.value().div_(world_size)
             plain_mean = summed[: plain_flat.numel()]
             pos = plain_flat.numel()
@@ -140,8 +144,9 @@ class PowerSGD(ErrorFeedbackCompressor):
         if buffer.device.type == "cpu":
             # gloo runs future callbacks on its worker threads: a collective issued there can interleave with one
             # the main thread issues meanwhile (Trainer gathers between steps) and mismatch across ranks. On CPU
-            # both all-reduces are issued from the hook's own thread; on CUDA/NCCL the chain stays asynchronous
-            # (as torch's powerSGD_hook), which keeps the overlap with backward.
+            # both all-reduces are issued from the hook's own thread; on CUDA/NCCL the chain stays asynchronous,
+            # which keeps the overlap with backward: its callbacks run on a pool stream (see after_p; torch's
+            # powerSGD_hook instead ends each bucket with torch.cuda.synchronize()).
             plain_mean, local, payload2 = (fut1.wait(), after_p(fut1))[1]
             q_sum = all_reduce_sum(payload2, group, counter).wait() if payload2.numel() else payload2
             return completed_future(finish(plain_mean, local, q_sum))

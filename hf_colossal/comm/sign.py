@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import ByteCounter, ErrorFeedbackCompressor, Future, all_gather_flat, finite_flag, poison_if
+from ._common import (ByteCounter, ErrorFeedbackCompressor, Future, all_gather_flat, finite_flag, poison_if,
+                      used_on_current_stream)
 
 _SHIFTS: dict[torch.device, torch.Tensor] = {}
 
@@ -78,6 +79,7 @@ class ScaledSign(ErrorFeedbackCompressor):
         payload = torch.cat([packed, scales.view(torch.uint8)])
 
         def decode(fut: Future) -> torch.Tensor:
+            used_on_current_stream(M, scales, positive, scale)  # made on the hook's stream (see _common)
             gathered = fut.value()  # (W, nbytes + 4 * tensors)
             nbytes = packed.numel()
             all_scales = gathered[:, nbytes:].contiguous().view(torch.float32)  # (W, tensors)

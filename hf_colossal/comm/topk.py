@@ -22,7 +22,8 @@ import math
 
 import torch
 
-from ._common import ByteCounter, ErrorFeedbackCompressor, Future, all_gather_flat, finite_flag, poison_if
+from ._common import (ByteCounter, ErrorFeedbackCompressor, Future, all_gather_flat, finite_flag, poison_if,
+                      used_on_current_stream)
 
 
 def num_kept(numel: int, density: float) -> int:
@@ -56,6 +57,7 @@ class TopK(ErrorFeedbackCompressor):
         payload = torch.cat([values, idx.view(torch.float32)])
 
         def decode(fut: Future) -> torch.Tensor:
+            used_on_current_stream(M, idx, scale)  # made on the hook's stream (see _common)
             gathered = fut.value()  # (W, 2k)
             out = decompress_sum(gathered[:, :k], gathered[:, k:].contiguous().view(torch.int32), M.numel())
             out.div_(world_size)

@@ -20,7 +20,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import Tensor
 
-from .optimizer import HeterogeneousOptimizer
+from .optimizer import HeterogeneousOptimizer, hyperparameters
 
 
 def _as_global(local: Tensor, param: Tensor, optimizer: HeterogeneousOptimizer) -> Tensor:
@@ -41,7 +41,7 @@ def _state(optimizer: HeterogeneousOptimizer) -> dict[str, Any]:
         state[name] = {key: _as_global(value, param, optimizer) if torch.is_tensor(value) and
                        value.shape == master.shape and value.dim() > 0 else value
                        for key, value in base_state.items()}
-    groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    groups = [hyperparameters(group) for group in optimizer.param_groups]
     return {"model": model, "optimizer": state, "param_groups": groups, "skipped_steps": optimizer.skipped_steps}
 
 

@@ -69,6 +69,11 @@ def lamb_factory(groups: list[dict[str, Any]], device: torch.device) -> torch.op
 BASE_FACTORIES: dict[str, BaseFactory] = {"adamw": adamw_factory, "lamb": lamb_factory}
 
 
+def hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
+    """A param group's settings (everything but ``params``)."""
+    return {k: v for k, v in group.items() if k != "params"}
+
+
 @dataclasses.dataclass
 class _UnitRuntime:
     """One unit's masters, its base optimizer and, when offloaded, its pending CPU work."""
@@ -178,15 +183,14 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
         old_state = unit.base.state if unit.base is not None else {}
 
         def move(tensor: Tensor) -> Tensor:
-            moved = tensor.to(target, copy=tensor.device != target)
+            moved = tensor.to(target)
             return moved.pin_memory() if target.type == "cpu" and self._pin and not moved.is_pinned() else moved
 
         new_masters = [move(m) for m in unit.masters]
         groups: dict[int, dict[str, Any]] = {}
         for master, gi in zip(new_masters, unit.group_of):
             if gi not in groups:
-                hyper = {k: v for k, v in self.param_groups[gi].items() if k != "params"}
-                groups[gi] = {**hyper, "params": []}
+                groups[gi] = {**hyperparameters(self.param_groups[gi]), "params": []}
             groups[gi]["params"].append(master)
         unit.base = self._factory(list(groups.values()), target) if groups else None
         unit.inner_groups = list(zip(unit.base.param_groups, groups)) if unit.base is not None else []
@@ -252,9 +256,7 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
 
     def _sync_hyperparameters(self, unit: _UnitRuntime) -> None:
         for inner, gi in unit.inner_groups:
-            for key, value in self.param_groups[gi].items():
-                if key != "params":
-                    inner[key] = value
+            inner.update(hyperparameters(self.param_groups[gi]))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -349,7 +351,7 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
                 state[index[id(param)]] = entry
         groups = []
         for group in self.param_groups:
-            packed = {k: v for k, v in group.items() if k != "params"}
+            packed = hyperparameters(group)
             packed["params"] = [index[id(p)] for p in group["params"]]
             groups.append(packed)
         return {"state": state, "param_groups": groups, "skipped_steps": self.skipped_steps}
@@ -361,7 +363,7 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
             raise ValueError("HeterogeneousOptimizer.load_state_dict: the saved param groups do not match this "
                              "optimizer's (different model or parameter grouping)")
         for group, saved in zip(self.param_groups, groups):
-            group.update({k: v for k, v in saved.items() if k != "params"})
+            group.update(hyperparameters(saved))
         params = self._all_params()
         by_id = {id(p): i for i, p in enumerate(params)}
         saved_state = {int(k): v for k, v in state_dict["state"].items()}
@@ -402,8 +404,7 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
         for unit in self._units:
             if unit.params:
                 torch._foreach_copy_(local_tensors(unit.params), unit.masters)
-            for inner, gi in unit.inner_groups:
-                inner.update({k: v for k, v in self.param_groups[gi].items() if k != "params"})
+            self._sync_hyperparameters(unit)
 
     def close(self) -> None:
         """Finish pending work, remove the hooks and stop the worker thread."""

@@ -11,6 +11,11 @@ Prints one ``RESULT {json}`` line; a run that does not fit prints ``RESULT {"oom
         --options placement=auto,device_memory_gib=23.6
     torchrun --nproc_per_node 1 benchmarks/heterogeneous_memory.py ours --hidden 3072 --layers 26 \\
         --options placement=static,offload_optim_frac=0.75
+    torchrun --nproc_per_node 2 benchmarks/heterogeneous_memory.py ours --hidden 3072 --layers 26 \\
+        --options placement=auto,device_memory_gib=12     # sharded over 2 GPUs and offloaded
+
+With several processes ``ours`` and ``fsdp2_offload`` shard over all of them (each rank its own batch of the same
+size); tokens/s counts every rank's tokens, peak memory is rank 0's; rank 0 prints the result.
 
 Sizes used: 1.33B = hidden 2048 x 24 layers, 3.14B = 3072 x 26, 4.25B = 3072 x 36, 5.44B = 4096 x 26,
 6.64B = 4096 x 32. ``--tiny`` runs a 2-layer model on CPU (gloo) to check the script.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -58,19 +64,27 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and not args.tiny
-    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo")
     if args.tiny:
         args.hidden, args.layers, args.batch, args.seq, args.steps = 64, 2, 2, 32, 4
+    if args.mode == "plain" and dist.get_world_size() > 1:
+        parser.error("plain runs one process (no data parallel wrapper)")
     result = dict(mode=args.mode, hidden=args.hidden, layers=args.layers, options=args.options,
+                  world_size=dist.get_world_size(),
                   device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__)
+    from hf_colossal.memory import MemoryPlanError
+
     try:
         result.update(run(args, device, cuda))
     except torch.OutOfMemoryError as error:
         result["oom"] = str(error).splitlines()[0][:200]
-    print("RESULT " + json.dumps(result), flush=True)
+    except MemoryPlanError as error:  # ours, refused before anything was pinned
+        result["refused"] = str(error)[:600]
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps(result), flush=True)
     dist.destroy_process_group()
 
 
@@ -125,7 +139,7 @@ def run(args, device: torch.device, cuda: bool) -> dict:
     steady = sorted(times[2:])
     step_s = steady[len(steady) // 2]
     return dict(params_B=round(params / 1e9, 2), step_s=round(step_s, 3),
-                tokens_per_s=round(args.batch * args.seq / step_s),
+                tokens_per_s=round(dist.get_world_size() * args.batch * args.seq / step_s),
                 peak_gpu_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
                 first_loss=round(losses[0], 3), last_loss=round(losses[-1], 3), setup_s=round(setup_s, 1),
                 step_times=[round(t, 3) for t in times], **optimizer_extra)

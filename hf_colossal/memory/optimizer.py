@@ -9,15 +9,16 @@ over the fp32 masters of its parameters. One ``step()``:
 
 1. one check that every gradient is finite (one host sync; all ranks agree); a step with inf/NaN gradients is
    skipped and counted in ``skipped_steps``, no state touched;
-2. offloaded units, in forward order: bf16 gradient -> fp32 on the GPU and an asynchronous copy into a pinned host
-   buffer (side stream), then the CPU step in a background thread (torch's fused CPU AdamW releases the GIL; the
+2. offloaded units, in forward order: bf16 gradient -> fp32 on the GPU and an asynchronous copy into one of two
+   pinned host slots (side stream; the slots are reused, so the host holds no gradient per parameter), then the CPU step in a background thread (torch's fused CPU AdamW releases the GIL; the
    thread uses all cores but one, which stays with the thread that launches GPU work) and
    an asynchronous copy of the updated master back to the GPU, cast to bf16 there;
 3. device units: fp32 gradient (one unit at a time), fused step, bf16 copy-back;
 4. ``step()`` returns while the CPU works: a forward pre-hook on each offloaded unit waits (on the host) for that
    unit's update and its copy back just before its next forward, so the result is the same as a synchronous step.
 
-``placement="auto"``: a first plan keeps on the device the leading blocks that fit next to ``auto_margin_gib``;
+``placement="auto"``: a first plan keeps on the device the leading blocks that fit next to ``FIRST_PLAN_RESERVE`` of
+the device (or ``auto_margin_gib``, if larger);
 the first step measures the peak memory of forward + backward, re-plans (:func:`.placement.plan_auto`) and moves
 blocks between device and CPU before stepping.
 """
@@ -50,6 +51,10 @@ from .plugin import BASE_OPTIMIZERS, HeterogeneousMemoryPlugin
 from .sharding import ShardedModel
 
 logger = logging.getLogger(__name__)
+
+#: placement='auto': share of the device the first plan leaves free for the first forward + backward, whose
+#: activation peak is not measured yet (at least auto_margin_gib); the re-plan after that step uses the measurement
+FIRST_PLAN_RESERVE = 0.15
 
 BaseFactory = Callable[[list[dict[str, Any]], torch.device], torch.optim.Optimizer]
 
@@ -119,6 +124,7 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
         self._pin = self.plugin.pin_memory and torch.cuda.is_available()
         self._cuda = self.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._staging: list[Tensor] | None = None
         self._executor = (concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="hf_colossal_cpu_step", initializer=torch.set_num_threads,
             initargs=(self.plugin.cpu_threads or max(1, (os.cpu_count() or 2) - 1),))
@@ -131,16 +137,15 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
             if capacity is not None:
                 check_fits(self.plan, capacity)
             self._planned = True
-        else:  # auto: a first plan that leaves the margin for activations, re-planned after the measured first step
+        else:  # auto: a first plan that leaves room for the unmeasured activations, re-planned after the first step
             capacity = self._capacity_bytes()
             if capacity is None:
                 raise MemoryPlanError("placement='auto' on a device without memory statistics needs "
                                       "device_memory_gib")
-            self.plan = plan_auto(sharded.units, self.footprint, capacity, 0, int(self.plugin.auto_margin_gib * GIB),
-                                  sharded.offloadable)
+            reserve = max(int(self.plugin.auto_margin_gib * GIB), int(FIRST_PLAN_RESERVE * capacity))
+            self.plan = plan_auto(sharded.units, self.footprint, capacity, 0, reserve, sharded.offloadable)
             self._planned = False
-        held = sum(m.numel() * 4 for u in self._units for m in u.masters if m.device.type == "cpu")
-        check_host_fits(self.plan, held, available_host_bytes())
+        self._check_host_fits()
         for unit, on_device in zip(self._units, self.plan.on_device):
             self._place(unit, on_device)
         if not self._planned and self._cuda:  # what the first forward + backward adds on top is the activation peak
@@ -169,6 +174,12 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
                                       masters=[self.sharded.masters[n] for n in trained],
                                       group_of=[group_of[id(named[n])] for n in trained]))
         return units
+
+    def _check_host_fits(self) -> None:
+        """Before moving anything: the plan's host share against what the host has free (the masters already in
+        host memory count as held; the first step's optimizer state does not exist yet)."""
+        held = sum(m.numel() * 4 for u in self._units for m in u.masters if m.device.type == "cpu")
+        check_host_fits(self.plan, held, available_host_bytes())
 
     def _capacity_bytes(self) -> int | None:
         if self.plugin.device_memory_gib is not None:
@@ -248,6 +259,7 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
             activation = max(0, torch.cuda.max_memory_allocated(self.device) - self._baseline_bytes - grads)
         self.plan = plan_auto(self.sharded.units, self.footprint, capacity, activation,
                               int(self.plugin.auto_margin_gib * GIB), self.sharded.offloadable)
+        self._check_host_fits()  # a larger measured activation peak offloads more than the first plan
         for unit, on_device in zip(self._units, self.plan.on_device):
             if unit.on_device != on_device:
                 self._place(unit, on_device)
@@ -272,10 +284,11 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
         work = [(unit, [(p, m) for p, m in zip(unit.params, unit.masters) if p.grad is not None])
                 for unit in self._units]
         work = [(unit, pairs) for unit, pairs in work if pairs and unit.base is not None]
-        for unit, pairs in work:  # offloaded blocks first, in forward order: the next forward can start on the
-            if not unit.on_device:  # first offloaded block while the CPU steps the later ones
-                self._sync_hyperparameters(unit)
-                self._host_step(unit, pairs)
+        offloaded = [(unit, pairs) for unit, pairs in work if not unit.on_device]
+        for unit, _ in offloaded:
+            self._sync_hyperparameters(unit)
+        if offloaded:  # first, in forward order: the next forward starts on the first offloaded block while the
+            self._host_steps(offloaded)  # CPU steps the later ones
         for unit, pairs in work:
             if unit.on_device:
                 self._sync_hyperparameters(unit)
@@ -292,31 +305,32 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
             master.grad = None
         torch._foreach_copy_(local_tensors(params), masters)
 
-    def _host_step(self, unit: _UnitRuntime, pairs: list[tuple[Tensor, Tensor]]) -> None:
-        params = [p for p, _ in pairs]
-        masters = [m for _, m in pairs]
-        grads = local_tensors([p.grad for p in params])
-        for master in masters:
-            if master.grad is None:
-                master.grad = torch.empty_like(master, pin_memory=self._pin)
-        grads_ready = None
+    def _host_steps(self, work: list[tuple[_UnitRuntime, list[tuple[Tensor, Tensor]]]]) -> None:
+        """Step the offloaded units, in forward order, through two pinned gradient slots.
+
+        Unit k's fp32 gradient lands in slot k % 2 while the CPU steps unit k - 1 from the other slot; the
+        worker that finishes unit k starts the copy of unit k + 2's gradient into the slot it just freed. The
+        device gradients of units not yet copied are held (and record the copy stream) until then."""
+        slots = self._staging_slots(max(sum(m.numel() for _, m in pairs) for _, pairs in work))
         if self._cuda:
             self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self._copy_stream):
-                for master, grad in zip(masters, grads):
-                    grad.record_stream(self._copy_stream)
-                    master.grad.copy_(grad.to(torch.float32), non_blocking=True)
-                grads_ready = torch.cuda.Event()
-                grads_ready.record(self._copy_stream)
-        else:
-            for master, grad in zip(masters, grads):
-                master.grad.copy_(grad)
-        targets = local_tensors(params)
+        pending = [local_tensors([p.grad for p, _ in pairs]) for _, pairs in work]
+        ready: list[Any] = [None] * len(work)
+        for k in range(min(2, len(work))):
+            ready[k] = self._stage_gradients(pending, k, slots[k % 2])
 
-        def cpu_step() -> None:
-            if grads_ready is not None:
-                grads_ready.synchronize()
+        def cpu_step(k: int, unit: _UnitRuntime, masters: list[Tensor], targets: list[Tensor]) -> None:
+            if ready[k] is not None:
+                ready[k].synchronize()
+            offset = 0
+            for master in masters:
+                master.grad = slots[k % 2][offset:offset + master.numel()].view_as(master)
+                offset += master.numel()
             unit.base.step()
+            for master in masters:
+                master.grad = None
+            if k + 2 < len(work):
+                ready[k + 2] = self._stage_gradients(pending, k + 2, slots[k % 2])
             if not self._cuda:
                 torch._foreach_copy_(targets, masters)
                 return
@@ -327,10 +341,44 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
                 done.record(self._copy_stream)
             unit.copied_back = done
 
-        if self._executor is None:
-            cpu_step()
-        else:
-            unit.future = self._executor.submit(cpu_step)
+        for k, (unit, pairs) in enumerate(work):
+            args = (k, unit, [m for _, m in pairs], local_tensors([p for p, _ in pairs]))
+            if self._executor is None:
+                cpu_step(*args)
+            else:
+                unit.future = self._executor.submit(cpu_step, *args)
+
+    def _staging_slots(self, numel: int) -> list[Tensor]:
+        """The two fp32 host gradient slots, grown to ``numel`` elements when a larger unit is offloaded."""
+        if self._staging is None or self._staging[0].numel() < numel:
+            self._staging = None  # free the old pair before pinning the new one
+            self._staging = [torch.empty(numel, dtype=torch.float32, pin_memory=self._pin) for _ in range(2)]
+        return self._staging
+
+    def _stage_gradients(self, pending: list[list[Tensor] | None], k: int, slot: Tensor) -> Any:
+        """Copy the device gradients ``pending[k]`` into ``slot`` (fp32) and release them; on CUDA the copy runs
+        on the copy stream and the returned event marks its end."""
+        grads, pending[k] = pending[k], None
+        views, offset = [], 0
+        for grad in grads:
+            views.append(slot[offset:offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+        if not self._cuda:
+            for view, grad in zip(views, grads):
+                view.copy_(grad)
+            return None
+        with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
+            for view, grad in zip(views, grads):
+                grad.record_stream(self._copy_stream)
+                view.copy_(grad.to(torch.float32), non_blocking=True)
+            staged = torch.cuda.Event()
+            staged.record(self._copy_stream)
+        return staged
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if not set_to_none:  # zeroing in place would race the pending copies of offloaded units' gradients
+            self.synchronize()
+        super().zero_grad(set_to_none)
 
     # ----------------------------------------------------------------------------------------------------------
     # state

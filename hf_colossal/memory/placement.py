@@ -87,8 +87,10 @@ class MemoryPlan:
                 + activation_bytes)
 
     def host_bytes(self) -> int:
-        """Pinned host bytes: fp32 master, optimizer state and an fp32 gradient buffer per offloaded parameter."""
-        return self.offloaded_numel * (self.footprint.master_and_state + 4)
+        """Pinned host bytes: fp32 master and optimizer state per offloaded parameter, plus two fp32 gradient slots
+        the size of the largest offloaded unit (gradients pass through them one unit at a time)."""
+        largest = max((u.numel for u in self.offloaded), default=0)
+        return self.offloaded_numel * self.footprint.master_and_state + 2 * 4 * largest
 
     def describe(self) -> str:
         offloaded = self.offloaded

@@ -31,13 +31,14 @@ def minilm_and_batch(device="cpu"):
 
 
 def train_offloaded(options: str, steps: int = 3, device=None, lr: float = 1e-3, hook=None,
-                    param_dtype="float32", before=None, after=None):
+                    param_dtype="float32", before=None, after=None, after_step=None):
     """Shard MiniLM with the plugin ``options`` and take ``steps`` AdamW steps on one BBC batch.
 
     ``param_dtype`` is fp32 by default here: the CPU has no fast bf16 matmul, and placement, overlap and state do
     not depend on it (the bf16 path has its own tests). Returns (losses, fp32 masters by name, optimizer);
     ``hook(step, model)`` runs after each backward; ``before(optimizer)`` / ``after(optimizer)`` before the first
-    and after the last step (checkpoint loading and saving)."""
+    and after the last step (checkpoint loading and saving); ``after_step(optimizer)`` in place of the
+    ``zero_grad`` that follows each step."""
     plugin = HeterogeneousMemoryPlugin.from_optim_args(f"param_dtype={param_dtype},{options}")
     model, batch, labels = minilm_and_batch()
     sharded = shard_model(model, plugin, device=device)
@@ -52,7 +53,10 @@ def train_offloaded(options: str, steps: int = 3, device=None, lr: float = 1e-3,
         if hook is not None:
             hook(step, model)
         optimizer.step()
-        model.zero_grad(set_to_none=True)
+        if after_step is None:
+            model.zero_grad(set_to_none=True)
+        else:
+            after_step(optimizer)
         losses.append(loss.item())
     optimizer.synchronize()
     if after is not None:

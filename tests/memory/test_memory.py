@@ -70,10 +70,25 @@ def test_offloaded_training_equals_on_device_training():
     offloaded, masters_offloaded, optimizer = train_offloaded("placement=static,offload_optim_frac=1")
     inline, masters_inline, _ = train_offloaded("placement=static,offload_optim_frac=0.5,overlap=false")
     assert len(optimizer.plan.offloaded) == 7  # BertEmbeddings and the six BertLayers; pooler and head: root
+    # gradients pass through two host slots the size of the largest offloaded unit; no per-parameter host buffer
+    largest = max(unit.numel for unit in optimizer.plan.offloaded)
+    assert [slot.numel() for slot in optimizer._staging] == [largest, largest]
+    assert all(master.grad is None for _, _, master, _ in optimizer.named_entries())
+    assert optimizer.plan.host_bytes() == optimizer.plan.offloaded_numel * 12 + 8 * largest
     assert on_device == offloaded == inline
     assert max_difference(masters_device, masters_offloaded) == 0.0
     assert max_difference(masters_device, masters_inline) == 0.0
     assert on_device[-1] < on_device[0]
+
+
+def test_zeroing_gradients_in_place_waits_for_the_pending_host_copies():
+    def zero_in_place(optimizer):
+        optimizer.zero_grad(set_to_none=False)  # right after step(), while the worker still copies gradients
+
+    reference, masters_reference, _ = train_offloaded("placement=static,offload_optim_frac=1")
+    losses, masters, _ = train_offloaded("placement=static,offload_optim_frac=1", after_step=zero_in_place)
+    assert losses == reference
+    assert max_difference(masters_reference, masters) == 0.0
 
 
 def test_every_parameter_is_trained_and_the_bf16_weights_follow_the_masters():

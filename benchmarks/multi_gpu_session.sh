@@ -15,7 +15,14 @@
 #                   ours powersgd (rank 4), powersgd rank 16 and auto 300 steps (time, bytes, eval loss)
 #   c_socket_4gpu   GPUs 0-3, socket transport: plain DDP 25 steps, powersgd and powersgd rank 16 40 steps
 #   d_scaling_w1/w2/w4   ddp_scaling (AdamW fused, Shampoo f10, SOAP f10, K-FAC f10) at 1, 2, 4 ranks, NVLink
-# Estimates (H100; plain DDP 59 ms NVLink / ~350 ms socket per step): a ~120 s, b ~130 s, c ~60 s, d ~120 s.
+#   e_ddp_reference  GPUs 0,1, NVLink: plain DDP, 300 steps (the eval-loss reference of the socket runs, alone)
+#   f_socket_sync    GPUs 0,1, socket: plain DDP 40 steps; local SGD H=8; local SGD H=4 with bf16 deltas (the
+#                    same bytes per step as H=8); PowerSGD rank 4 (after the CUDA stream fix), 300 steps each
+#   g_memory_2gpu    GPUs 0,1: heterogeneous_memory.py ours, 3.14B sharded over both GPUs, 12 GiB of each used
+# PARTS (default "a b c d_scaling_w1 d_scaling_w2 d_scaling_w4") picks and orders the parts, e.g.
+#   PARTS="e_ddp_reference f_socket_sync d_scaling_w1 d_scaling_w4 g_memory_2gpu" bash benchmarks/multi_gpu_session.sh OUT
+# Estimates (H100; plain DDP 59 ms NVLink / ~350 ms socket per step): a ~120 s, b ~130 s, c ~60 s, d ~120 s,
+# e ~40 s, f ~200 s, g ~80 s.
 set -u
 OUT=${1:?usage: bash benchmarks/multi_gpu_session.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -44,6 +51,8 @@ for r in rows:
     else:  # ddp_scaling
         parts.append(f"{r['name']} step {r['step_ms_mean']}ms opt {r['opt_ms_mean']}ms (max rank "
                      f"{r['opt_ms_mean_max_rank']}) {r['peak_GiB']}GiB")
+if not parts and os.path.exists(log):  # heterogeneous_memory.py prints its result line instead
+    parts = [line.strip()[:700] for line in open(log, errors="replace") if line.startswith("RESULT ")]
 if not parts:
     tail = open(log, errors="replace").read().strip().splitlines()[-1:] if os.path.exists(log) else ["no log"]
     parts = ["no results; log ends: " + (tail[0][:200] if tail else "")]
@@ -66,18 +75,34 @@ part() {  # part NAME CAP_S CMD...: CMD under timeout min(CAP_S, time left), out
         | tee -a "$OUT/summary.txt"
 }
 
-part a_nvlink_2gpu 160 env CUDA_VISIBLE_DEVICES=0,1 "${RUN2[@]}" benchmarks/ddp_compression.py \
-    --methods ddp,auto,ddp@200,bf16,torch_bf16 --steps 300 --out "$OUT/a_nvlink_2gpu.json"
-part b_socket_2gpu 170 env CUDA_VISIBLE_DEVICES=0,1 "${SOCKET[@]}" "${RUN2[@]}" benchmarks/ddp_compression.py \
-    --methods ddp@40,powersgd,powersgd:rank=16,torch_powersgd@40,auto --steps 300 --out "$OUT/b_socket_2gpu.json"
-part c_socket_4gpu 100 env CUDA_VISIBLE_DEVICES=0,1,2,3 "${SOCKET[@]}" "${RUN4[@]}" benchmarks/ddp_compression.py \
-    --methods ddp@25,powersgd,powersgd:rank=16 --steps 40 --out "$OUT/c_socket_4gpu.json"
-part d_scaling_w1 90 env CUDA_VISIBLE_DEVICES=0 torchrun --standalone --nproc_per_node 1 benchmarks/ddp_scaling.py \
-    --steps 30 --out "$OUT/d_scaling_w1.json"
-part d_scaling_w2 80 env CUDA_VISIBLE_DEVICES=0,1 "${RUN2[@]}" benchmarks/ddp_scaling.py \
-    --steps 30 --out "$OUT/d_scaling_w2.json"
-part d_scaling_w4 80 env CUDA_VISIBLE_DEVICES=0,1,2,3 "${RUN4[@]}" benchmarks/ddp_scaling.py \
-    --steps 30 --out "$OUT/d_scaling_w4.json"
+run_part() {
+    case $1 in
+    a) part a_nvlink_2gpu 160 env CUDA_VISIBLE_DEVICES=0,1 "${RUN2[@]}" benchmarks/ddp_compression.py \
+        --methods ddp,auto,ddp@200,bf16,torch_bf16 --steps 300 --out "$OUT/a_nvlink_2gpu.json" ;;
+    b) part b_socket_2gpu 170 env CUDA_VISIBLE_DEVICES=0,1 "${SOCKET[@]}" "${RUN2[@]}" benchmarks/ddp_compression.py \
+        --methods ddp@40,powersgd,powersgd:rank=16,torch_powersgd@40,auto --steps 300 --out "$OUT/b_socket_2gpu.json" ;;
+    c) part c_socket_4gpu 100 env CUDA_VISIBLE_DEVICES=0,1,2,3 "${SOCKET[@]}" "${RUN4[@]}" benchmarks/ddp_compression.py \
+        --methods ddp@25,powersgd,powersgd:rank=16 --steps 40 --out "$OUT/c_socket_4gpu.json" ;;
+    d_scaling_w1) part d_scaling_w1 90 env CUDA_VISIBLE_DEVICES=0 torchrun --standalone --nproc_per_node 1 \
+        benchmarks/ddp_scaling.py --steps 30 --out "$OUT/d_scaling_w1.json" ;;
+    d_scaling_w2) part d_scaling_w2 80 env CUDA_VISIBLE_DEVICES=0,1 "${RUN2[@]}" benchmarks/ddp_scaling.py \
+        --steps 30 --out "$OUT/d_scaling_w2.json" ;;
+    d_scaling_w4) part d_scaling_w4 80 env CUDA_VISIBLE_DEVICES=0,1,2,3 "${RUN4[@]}" benchmarks/ddp_scaling.py \
+        --steps 30 --out "$OUT/d_scaling_w4.json" ;;
+    e_ddp_reference) part e_ddp_reference 60 env CUDA_VISIBLE_DEVICES=0,1 "${RUN2[@]}" benchmarks/ddp_compression.py \
+        --methods ddp --steps 300 --out "$OUT/e_ddp_reference.json" ;;
+    f_socket_sync) part f_socket_sync 230 env CUDA_VISIBLE_DEVICES=0,1 "${SOCKET[@]}" "${RUN2[@]}" \
+        benchmarks/ddp_compression.py --methods ddp@40,local_sgd,local_sgd:sync_every=4+sync_dtype=bfloat16,powersgd \
+        --steps 300 --out "$OUT/f_socket_sync.json" ;;
+    g_memory_2gpu) part g_memory_2gpu 120 env CUDA_VISIBLE_DEVICES=0,1 "${RUN2[@]}" benchmarks/heterogeneous_memory.py \
+        ours --hidden 3072 --layers 26 --options placement=auto,device_memory_gib=12 ;;
+    *) echo "unknown part $1" >&2 ;;
+    esac
+}
+
+for name in ${PARTS:-a b c d_scaling_w1 d_scaling_w2 d_scaling_w4}; do
+    run_part "$name"
+done
 
 # Issue 8's two checks from parts a and b (reference: plain DDP of the same transport for time, a's for eval loss)
 python3 - "$OUT" <<'EOF' | tee -a "$OUT/summary.txt"
@@ -86,7 +111,7 @@ out = sys.argv[1]
 def rows(name):
     path = os.path.join(out, name + ".json")
     return {r["spec"]: r for r in json.load(open(path))} if os.path.exists(path) else {}
-a, b = rows("a_nvlink_2gpu"), rows("b_socket_2gpu")
+a, b = rows("a_nvlink_2gpu") or rows("e_ddp_reference"), rows("b_socket_2gpu") or rows("f_socket_sync")
 for spec in ("ddp", "ddp@200"):
     if spec in a and "auto" in a:
         print(f"ISSUE8 nvlink: auto {a['auto']['step_ms_median']} / {spec} {a[spec]['step_ms_median']} ms = "

@@ -6,7 +6,8 @@ compute time of a step without communication (forward + backward + optimizer):
 * ``t_ar <= hidden_ratio * t_c`` (default 0.5) -> ``none``: DDP overlaps the all-reduce with backward (about 2/3
   of the compute), so at most a small part is exposed and any compression kernel would cost more than it saves.
   This is the NVLink case (anchors: 271M Llama, 59 ms step, fp32 all-reduce ~10 ms) and keeps auto within the
-  1.02x target of plain DDP there: it *is* plain DDP.
+  1.02x target of plain DDP there: it *is* plain DDP (the controller registers its DDP communication hook only
+  when it chooses a compressing method, so DDP keeps its own C++ all-reduce).
 * ``t_ar <= bf16_ratio * t_c`` (default 1.5) -> ``bf16``: halving the bytes hides most of the rest, still
   overlapped, with no effect on convergence worth measuring.
 * otherwise -> ``powersgd`` (the configured rank): communication dominates; low rank cuts bytes 100x+ on large
@@ -14,7 +15,7 @@ compute time of a step without communication (forward + backward + optimizer):
 
 ``t_ar`` is measured when DDP wraps the model (a timed all-reduce of a gradient-sized fp32 buffer, median of a
 few, max over ranks). ``t_c`` is given (``auto_compute_ms``) or measured over the first ``auto_probe_steps``
-optimizer steps run as plain DDP: ``t_c ~= step - t_ar`` (exact when nothing overlaps, an under-estimate of
+optimizer steps, run by plain DDP (no hook yet): ``t_c ~= step - t_ar`` (exact when nothing overlaps, an under-estimate of
 compute otherwise, which errs toward compressing only when communication is clearly exposed).
 """
 

@@ -51,10 +51,17 @@ class CompressionController:
         self.scale_fn = None  # -> GradScaler's current scale (tensor) or None
         self.params: list[torch.Tensor] = []
         self.module: torch.nn.Module | None = None
+        self._ddp: torch.nn.parallel.DistributedDataParallel | None = None
+        self._hooked = False  # auto registers the hook only once it chooses to compress
         self._keys: dict[int, int] = {}
         self.device = torch.device("cpu")
         self.compressor = None
-        self.diloco = local_sgd.DiLoCoState(plugin.outer_lr, plugin.outer_momentum, plugin.outer_nesterov)
+        sync_dtype = getattr(torch, plugin.sync_dtype)
+        if plugin.method == "local_sgd" and sync_dtype != torch.float32:  # averaging = an outer step of lr 1
+            self.diloco = local_sgd.DiLoCoState(1.0, 0.0, False, sync_dtype)
+        else:
+            self.diloco = local_sgd.DiLoCoState(plugin.outer_lr, plugin.outer_momentum, plugin.outer_nesterov,
+                                                sync_dtype)
         self.auto_info: dict = {}
         self._probe_start: float | None = None
         self._optimizers: list = []
@@ -70,6 +77,20 @@ class CompressionController:
             "sign": lambda: ScaledSign(p.error_feedback),
         }.get(self.method, lambda: None)()
 
+    def _register_hook(self) -> None:
+        """Become DDP's communication hook. Auto does this only when it chooses a method other than ``none``:
+        until then (and for good, if it chooses ``none``) DDP all-reduces with its own C++ path, so auto costs
+        nothing over plain DDP where compression does not pay."""
+        if not self._hooked and self._ddp is not None:
+            self._ddp.register_comm_hook(self, _comm_hook)
+            self._hooked = True
+
+    def _set_method(self, method: str) -> None:
+        self.method = method
+        self._build_compressor()
+        if method != "none":
+            self._register_hook()
+
     @property
     def world_size(self) -> int:
         return dist.get_world_size(self.group)
@@ -78,11 +99,13 @@ class CompressionController:
         if self.params:
             raise RuntimeError("GradientCompressionPlugin: one model per accelerator/plugin; this one is attached")
         self.module = ddp_model.module
+        self._ddp = ddp_model
         self.params = [p for p in ddp_model.module.parameters() if p.requires_grad]
         self._keys = {id(p): i for i, p in enumerate(self.params)}
         self.device = self.params[0].device if self.params else torch.device("cpu")
-        ddp_model.register_comm_hook(self, _comm_hook)
-        if self.method == "diloco" and self.plugin.warmup_steps == 0:
+        if self.plugin.method != "auto":
+            self._register_hook()
+        if self._outer_steps() and self.plugin.warmup_steps == 0:
             self.diloco.start(self.params)  # DDP has just broadcast rank 0's parameters: the first anchor
         if self.plugin.method == "auto":
             numel = sum(p.numel() for p in self.params)
@@ -102,6 +125,10 @@ class CompressionController:
         inner.register_step_post_hook(lambda _opt, _args, _kwargs: self.after_optimizer_step())
 
     # -- the DDP hook -------------------------------------------------------------------------------------------
+    def _outer_steps(self) -> bool:
+        """Syncs go through the anchor (DiLoCo, or local SGD averaging low-precision deltas)."""
+        return self.method == "diloco" or (self.method == "local_sgd" and self.plugin.sync_dtype != "float32")
+
     def _local_phase(self) -> bool:
         return self.method in FREQUENCY_METHODS and self.step >= self.plugin.warmup_steps
 
@@ -138,15 +165,18 @@ class CompressionController:
     def after_optimizer_step(self) -> None:
         self.step += 1
         p = self.plugin
+        if not self._hooked and self._ddp is not None:  # auto, plain DDP so far: its one all-reduce of the step
+            self.round += 1
+            self.counter.add("all_reduce", *self.params)
         if self.method in FREQUENCY_METHODS and self.step >= p.warmup_steps:
             since = self.step - p.warmup_steps
-            if self.method == "diloco" and since == 0:
+            if self._outer_steps() and since == 0:
                 self.diloco.start(self.params)  # anchor = the (identical) parameters at the end of warm-up
             elif since > 0 and since % p.sync_every == 0:
-                if self.method == "local_sgd":
-                    local_sgd.average_parameters(self.params, self.group, self.world_size, self.counter)
-                else:
+                if self._outer_steps():
                     self.diloco.outer_step(self.params, self.group, self.world_size, self.counter)
+                else:
+                    local_sgd.average_parameters(self.params, self.group, self.world_size, self.counter)
         if p.method == "auto" and "chosen" not in self.auto_info:
             self._probe()
 
@@ -167,8 +197,7 @@ class CompressionController:
         method, reason = auto.choose_method(self.auto_info["allreduce_ms"], compute_ms,
                                             hidden_ratio=p.auto_hidden_ratio, bf16_ratio=p.auto_bf16_ratio)
         self.auto_info.update(compute_ms=compute_ms, chosen=method, reason=reason)
-        self.method = method
-        self._build_compressor()
+        self._set_method(method)
         if dist.get_rank() == 0:
             logger.warning("hf_colossal auto compression: %s (%s)", method, reason)
 
@@ -230,8 +259,7 @@ class CompressionController:
         self.step, self.round = shared["step"], shared["round"]
         self.auto_info = dict(shared.get("auto", {}))
         if shared["method"] != self.method:
-            self.method = shared["method"]
-            self._build_compressor()
+            self._set_method(shared["method"])
         self.diloco.load_state_dict(shared.get("diloco", {}), self.device)
         if isinstance(self.compressor, PowerSGD) and "powersgd" in shared:
             self.compressor.load_state_dict(shared["powersgd"], self.device)

@@ -14,6 +14,10 @@
 
   With ``lr_outer = 1`` and ``mu = 0`` the outer step is exactly local SGD's averaging.
 
+``sync_dtype=bfloat16`` all-reduces ``delta`` in bf16 (DiLoCo's pseudo-gradients tolerate low precision: Douillard
+et al. 2025, "Streaming DiLoCo", Sec. 3.3); local SGD then runs as the outer step above with ``lr_outer = 1, mu = 0``
+so that only the change since the last sync is rounded, never the weights themselves.
+
 The gradient hook sends nothing during local phases; the optimizer's inner state (Adam moments) stays local, as in
 both papers. The anchor and momentum are identical on all ranks (fp32 copies of the parameters).
 """
@@ -53,8 +57,9 @@ def average_parameters(params: list[torch.Tensor], group, world_size: int, count
 class DiLoCoState:
     """Anchor (the last global parameters) and outer Nesterov momentum, fp32, identical on every rank."""
 
-    def __init__(self, lr: float, momentum: float, nesterov: bool = True) -> None:
-        self.lr, self.momentum, self.nesterov = lr, momentum, nesterov
+    def __init__(self, lr: float, momentum: float, nesterov: bool = True,
+                 sync_dtype: torch.dtype = torch.float32) -> None:
+        self.lr, self.momentum, self.nesterov, self.sync_dtype = lr, momentum, nesterov, sync_dtype
         self.anchor: list[torch.Tensor] | None = None
         self.buf: list[torch.Tensor] | None = None
 
@@ -68,8 +73,9 @@ class DiLoCoState:
         if self.anchor is None:
             self.start(params)
             return
-        delta = [a - p.detach().float() for a, p in zip(self.anchor, params)]
+        delta = [(a - p.detach().float()).to(self.sync_dtype) for a, p in zip(self.anchor, params)]
         all_reduce_mean_(delta, group, world_size, counter)
+        delta = [d.float() for d in delta]
         outer_update_(self.anchor, self.buf, delta, self.lr, self.momentum, self.nesterov)
         for p, a in zip(params, self.anchor):
             p.detach().copy_(a)

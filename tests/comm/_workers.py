@@ -228,8 +228,12 @@ def suite_worker(rank, world_size, port, out_path, tmp):
     plugins = {m: G(method=m, sync_every=4, density=0.1) for m in
                ("none", "bf16", "fp16", "powersgd", "topk", "sign", "local_sgd", "diloco")}
     plugins["auto"] = G(method="auto", auto_compute_ms=1e6)
+    plugins["local_sgd_bf16"] = G(method="local_sgd", sync_every=4, sync_dtype="bfloat16")
+    # auto that chooses to compress after its probe steps: DDP's hook is registered mid-run
+    plugins["auto_late"] = G(method="auto", auto_probe_steps=1, auto_hidden_ratio=0, auto_bf16_ratio=0)
     torch.save(_train_results(plugins, data, rank, world_size), f"{out_path}.train.{rank}")
     resume_plugins = {label: G(method=label, sync_every=2) for label in ("powersgd", "sign", "diloco")}
+    resume_plugins["local_sgd_bf16"] = G(method="local_sgd", sync_every=2, sync_dtype="bfloat16")
     torch.save(_resume_results(resume_plugins, data, rank, world_size, tmp), f"{out_path}.resume.{rank}")
     dist.destroy_process_group()
 

@@ -176,7 +176,8 @@ def test_nonfinite_gradient_poisons_every_rank_and_never_enters_error_feedback(s
         assert suite["math"][w]["scale_ok"]  # residual stored unscaled under a GradScaler scale
 
 
-METHODS = ("none", "bf16", "fp16", "powersgd", "topk", "sign", "local_sgd", "diloco", "auto")
+METHODS = ("none", "bf16", "fp16", "powersgd", "topk", "sign", "local_sgd", "diloco", "auto", "local_sgd_bf16",
+           "auto_late")
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -189,16 +190,34 @@ def test_training_converges_and_ranks_agree(suite, method):
         assert r0["rounds"] == r0["steps"] == W.STEPS
     if method == "auto":
         assert r0["method"] == "none"  # injected compute time makes the all-reduce negligible
+    if method == "auto_late":
+        assert r0["method"] == "powersgd"  # chosen after the probe: the hook joined DDP mid-run
 
 
 def test_bytes_shrink_by_method(suite):
     sent = {m: sum(suite["train"][0][m]["bytes"].values()) for m in METHODS if m != "none"}
-    assert sent["bf16"] * 2 == sent["auto"]  # auto chose none here: the fp32 all-reduce
+    assert sent["bf16"] * 2 == sent["auto"]  # auto chose none here: DDP's own fp32 all-reduce, counted per step
+    assert sent["powersgd"] < sent["auto_late"] < sent["auto"]  # 2 plain steps, then PowerSGD
     assert sent["powersgd"] < sent["bf16"] and sent["sign"] < sent["topk"] < sent["bf16"]
     assert sent["local_sgd"] < sent["auto"] / 3  # parameters averaged every 4 steps instead of 12 all-reduces
+    assert sent["local_sgd_bf16"] * 2 == sent["local_sgd"]
 
 
-@pytest.mark.parametrize("method", ["powersgd", "sign", "diloco"])
+def test_local_sgd_with_bf16_deltas_stays_next_to_fp32_averaging(suite):
+    fp32, bf16 = (suite["train"][0][label]["params"] for label in ("local_sgd", "local_sgd_bf16"))
+    gaps = [(a - b).abs().max().item() for a, b in zip(fp32, bf16)]
+    scale = max(a.abs().max().item() for a in fp32)
+    assert 0 < max(gaps) < 1e-2 * scale, (max(gaps), scale)  # only the change since the last sync is rounded
+
+
+def test_sync_dtype_applies_to_frequency_methods_only():
+    with pytest.raises(OptionsError, match="sync_dtype applies to local_sgd / diloco only"):
+        GradientCompressionPlugin(method="powersgd", sync_dtype="bfloat16")
+    with pytest.raises(OptionsError, match="option 'sync_dtype' must be 'float32' \\| 'bfloat16'"):
+        GradientCompressionPlugin(method="local_sgd", sync_dtype="float16")
+
+
+@pytest.mark.parametrize("method", ["powersgd", "sign", "diloco", "local_sgd_bf16"])
 def test_checkpoint_resume_is_exact(suite, method):
     for w in range(2):
         r = suite["resume"][w][method]

@@ -184,7 +184,8 @@ def run(spec, args, data, device, rank, world):
         if step >= args.skip:
             times.append((time.perf_counter() - start) * 1e3)
             counted = dict(BYTES)
-            if method == "ddp" or (controller is None and method == "torch_powersgd" and step < 2):
+            if (method == "ddp" or (controller is None and method == "torch_powersgd" and step < 2)
+                    or (controller is not None and not controller.uses_hook)):  # auto that chose none
                 counted["all_reduce(DDP C++)"] = 4 * n_params
             bytes_per_step.append(counted)
     eval_loss = evaluate(model, data["eval"][: args.eval_blocks], args.batch, device, amp)

@@ -85,6 +85,11 @@ class CompressionController:
             self._ddp.register_comm_hook(self, _comm_hook)
             self._hooked = True
 
+    @property
+    def uses_hook(self) -> bool:
+        """Whether DDP's gradients go through this controller (False: DDP's own all-reduce, auto before choosing)."""
+        return self._hooked
+
     def _set_method(self, method: str) -> None:
         self.method = method
         self._build_compressor()

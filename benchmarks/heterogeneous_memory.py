@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--grad-slots", type=int, default=None, help="ours: host gradient slots (default: its own)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and not args.tiny
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
@@ -112,6 +113,8 @@ def run(args, device: torch.device, cuda: bool) -> dict:
         model, config = build(args.hidden, args.layers, args.tiny, on_meta=False)
         sharded = shard_model(model, plugin, device=device)
         optimizer = HeterogeneousOptimizer(model.parameters(), sharded, plugin, lr=1e-4)
+        if args.grad_slots is not None:
+            optimizer.grad_slots = args.grad_slots
     params = sum(p.numel() for p in model.parameters())
     setup_s = time.perf_counter() - started
     generator = torch.Generator().manual_seed(0)

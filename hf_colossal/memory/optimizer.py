@@ -10,12 +10,14 @@ over the fp32 masters of its parameters. One ``step()``:
 1. one check that every gradient is finite (one host sync; all ranks agree); a step with inf/NaN gradients is
    skipped and counted in ``skipped_steps``, no state touched;
 2. offloaded units, in forward order: bf16 gradient -> fp32 on the GPU and an asynchronous copy into one of two
-   pinned host slots (side stream; the slots are reused, so the host holds no gradient per parameter), then the CPU step in a background thread (torch's fused CPU AdamW releases the GIL; the
-   thread uses all cores but one, which stays with the thread that launches GPU work) and
-   an asynchronous copy of the updated master back to the GPU, cast to bf16 there;
+   pinned host slots (a device-to-host stream; the slots are reused, so the host keeps no gradient per parameter),
+   then the CPU step in a background thread (torch's fused CPU AdamW releases the GIL; the thread uses all cores
+   but one, which stays with the thread that launches GPU work) and an asynchronous copy of the updated master
+   back to the GPU on a host-to-device stream (PCIe carries both directions at once), cast to bf16 there;
 3. device units: fp32 gradient (one unit at a time), fused step, bf16 copy-back;
-4. ``step()`` returns while the CPU works: a forward pre-hook on each offloaded unit waits (on the host) for that
-   unit's update and its copy back just before its next forward, so the result is the same as a synchronous step.
+4. ``step()`` returns while the CPU works: just before an offloaded unit's next forward, a pre-hook waits on the
+   host for its CPU step and makes the compute stream and FSDP2's all-gather streams wait for its copy back, so the
+   result is the same as a synchronous step.
 
 ``placement="auto"``: a first plan keeps on the device the leading blocks that fit next to ``FIRST_PLAN_RESERVE`` of
 the device (or ``auto_margin_gib``, if larger);
@@ -95,6 +97,16 @@ class _UnitRuntime:
     copied_back: Any = None  # CUDA event: updated bf16 weights are on the device
 
 
+def _fsdp_all_gather_streams(module: torch.nn.Module) -> list[Any]:
+    """The streams FSDP2 gathers ``module``'s parameter shards on in forward (copy-in and collective). They wait on
+    the compute stream only once per forward, at the root, so a unit's copy back must be waited for on them too.
+    Reads FSDP2's internal state (torch 2.6 - 2.13); where it is not found the caller falls back to a host wait."""
+    get_state = getattr(module, "_get_fsdp_state", None)
+    comm = getattr(get_state(), "_comm_ctx", None) if get_state is not None else None
+    streams = [getattr(comm, name, None) for name in ("all_gather_copy_in_stream", "all_gather_stream")]
+    return streams if all(s is not None for s in streams) else []
+
+
 class HeterogeneousOptimizer(torch.optim.Optimizer):
     """Master weights and optimizer state split between GPU and CPU by unit (see module docstring).
 
@@ -123,8 +135,11 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0
         self._pin = self.plugin.pin_memory and torch.cuda.is_available()
         self._cuda = self.device.type == "cuda"
-        self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
+        # gradients down and updated masters up on separate streams: PCIe copies both ways at once
+        self._d2h_stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._h2d_stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._staging: list[Tensor] | None = None
+        self.grad_slots = 2
         self._executor = (concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="hf_colossal_cpu_step", initializer=torch.set_num_threads,
             initargs=(self.plugin.cpu_threads or max(1, (os.cpu_count() or 2) - 1),))
@@ -151,7 +166,7 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
         if not self._planned and self._cuda:  # what the first forward + backward adds on top is the activation peak
             torch.cuda.reset_peak_memory_stats(self.device)
             self._baseline_bytes = torch.cuda.memory_allocated(self.device)
-        self._hooks = [module.register_forward_pre_hook(self._pre_forward_hook(unit), prepend=True)
+        self._hooks = [module.register_forward_pre_hook(self._pre_forward_hook(unit, module), prepend=True)
                        for unit, module in zip(self._units, sharded.modules) if unit.index > 0]
         self._hooks.append(sharded.model.register_state_dict_pre_hook(lambda *args, **kwargs: self.synchronize()))
         logger.info("heterogeneous memory: %s", self.plan.describe())
@@ -215,20 +230,29 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------------------------------------
     # overlap: waiting for a unit's CPU step
 
-    def _pre_forward_hook(self, unit: _UnitRuntime):
-        def hook(module, args):
-            self._wait(unit)
+    def _pre_forward_hook(self, unit: _UnitRuntime, module: torch.nn.Module):
+        streams: list[Any] = []  # empty: a host wait (CPU, or FSDP2's streams not found)
+
+        def hook(module_, args):
+            if self._cuda and not streams:
+                gather = _fsdp_all_gather_streams(module)
+                streams.extend(gather + [torch.cuda.current_stream(self.device)] if gather else [])
+            self._wait(unit, streams)
 
         return hook
 
-    def _wait(self, unit: _UnitRuntime) -> None:
+    def _wait(self, unit: _UnitRuntime, streams: list[Any] | None = None) -> None:
+        """Wait for ``unit``'s CPU step (on the host: its copy back is queued only when it ends), then for the copy
+        back: ``streams`` wait for it on the device, or, without streams, the host waits."""
         if unit.future is not None:
             future, unit.future = unit.future, None
             future.result()
         if unit.copied_back is not None:
-            # A host wait, not a stream wait: FSDP2 gathers a block's shards on its own copy-in stream, which
-            # waits on the compute stream once per forward (at the root), before this hook runs.
-            unit.copied_back.synchronize()
+            if streams:
+                for stream in streams:
+                    stream.wait_event(unit.copied_back)
+            else:
+                unit.copied_back.synchronize()
             unit.copied_back = None
 
     def synchronize(self) -> None:
@@ -306,39 +330,41 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
         torch._foreach_copy_(local_tensors(params), masters)
 
     def _host_steps(self, work: list[tuple[_UnitRuntime, list[tuple[Tensor, Tensor]]]]) -> None:
-        """Step the offloaded units, in forward order, through two pinned gradient slots.
+        """Step the offloaded units, in forward order, through ``n = self.grad_slots`` pinned gradient slots.
 
-        Unit k's fp32 gradient lands in slot k % 2 while the CPU steps unit k - 1 from the other slot; the
-        worker that finishes unit k starts the copy of unit k + 2's gradient into the slot it just freed. The
-        device gradients of units not yet copied are held (and record the copy stream) until then."""
-        slots = self._staging_slots(max(sum(m.numel() for _, m in pairs) for _, pairs in work))
+        The gradients of the first n units are copied at once; unit k's lands in slot k % n, and the worker that
+        finishes unit k starts the copy of unit k + n's gradient into the slot it just freed. The device gradients
+        of units not yet copied are held (and record the copy's stream) until then."""
+        n = max(1, min(self.grad_slots, len(work)))
+        slots = self._staging_slots(n, max(sum(m.numel() for _, m in pairs) for _, pairs in work))
         if self._cuda:
-            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            for stream in (self._d2h_stream, self._h2d_stream):  # after backward's last use of grads / weights
+                stream.wait_stream(torch.cuda.current_stream(self.device))
         pending = [local_tensors([p.grad for p, _ in pairs]) for _, pairs in work]
         ready: list[Any] = [None] * len(work)
-        for k in range(min(2, len(work))):
-            ready[k] = self._stage_gradients(pending, k, slots[k % 2])
+        for k in range(n):
+            ready[k] = self._stage_gradients(pending, k, slots[k])
 
         def cpu_step(k: int, unit: _UnitRuntime, masters: list[Tensor], targets: list[Tensor]) -> None:
             if ready[k] is not None:
                 ready[k].synchronize()
             offset = 0
             for master in masters:
-                master.grad = slots[k % 2][offset:offset + master.numel()].view_as(master)
+                master.grad = slots[k % n][offset:offset + master.numel()].view_as(master)
                 offset += master.numel()
             unit.base.step()
             for master in masters:
                 master.grad = None
-            if k + 2 < len(work):
-                ready[k + 2] = self._stage_gradients(pending, k + 2, slots[k % 2])
+            if k + n < len(work):
+                ready[k + n] = self._stage_gradients(pending, k + n, slots[k % n])
             if not self._cuda:
                 torch._foreach_copy_(targets, masters)
                 return
-            with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
+            with torch.cuda.device(self.device), torch.cuda.stream(self._h2d_stream):
                 for target, master in zip(targets, masters):
                     target.copy_(master.to(self.device, non_blocking=True))
                 done = torch.cuda.Event()
-                done.record(self._copy_stream)
+                done.record(self._h2d_stream)
             unit.copied_back = done
 
         for k, (unit, pairs) in enumerate(work):
@@ -348,16 +374,16 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
             else:
                 unit.future = self._executor.submit(cpu_step, *args)
 
-    def _staging_slots(self, numel: int) -> list[Tensor]:
-        """The two fp32 host gradient slots, grown to ``numel`` elements when a larger unit is offloaded."""
-        if self._staging is None or self._staging[0].numel() < numel:
-            self._staging = None  # free the old pair before pinning the new one
-            self._staging = [torch.empty(numel, dtype=torch.float32, pin_memory=self._pin) for _ in range(2)]
+    def _staging_slots(self, count: int, numel: int) -> list[Tensor]:
+        """``count`` fp32 host gradient slots of at least ``numel`` elements (re-made when too few or too small)."""
+        if self._staging is None or len(self._staging) < count or self._staging[0].numel() < numel:
+            self._staging = None  # free the old ones before pinning new ones
+            self._staging = [torch.empty(numel, dtype=torch.float32, pin_memory=self._pin) for _ in range(count)]
         return self._staging
 
     def _stage_gradients(self, pending: list[list[Tensor] | None], k: int, slot: Tensor) -> Any:
         """Copy the device gradients ``pending[k]`` into ``slot`` (fp32) and release them; on CUDA the copy runs
-        on the copy stream and the returned event marks its end."""
+        on the device-to-host stream and the returned event marks its end."""
         grads, pending[k] = pending[k], None
         views, offset = [], 0
         for grad in grads:
@@ -367,12 +393,12 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
             for view, grad in zip(views, grads):
                 view.copy_(grad)
             return None
-        with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
+        with torch.cuda.device(self.device), torch.cuda.stream(self._d2h_stream):
             for view, grad in zip(views, grads):
-                grad.record_stream(self._copy_stream)
+                grad.record_stream(self._d2h_stream)
                 view.copy_(grad.to(torch.float32), non_blocking=True)
             staged = torch.cuda.Event()
-            staged.record(self._copy_stream)
+            staged.record(self._d2h_stream)
         return staged
 
     def zero_grad(self, set_to_none: bool = True) -> None:

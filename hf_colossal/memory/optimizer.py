@@ -97,6 +97,13 @@ class _UnitRuntime:
     copied_back: Any = None  # CUDA event: updated bf16 weights are on the device
 
 
+def cpu_step_threads() -> int:
+    """Default threads of one process's CPU optimizer step: its share of the cores (processes of this host, from
+    torchrun's ``LOCAL_WORLD_SIZE``) less one, which stays with the thread that launches GPU work."""
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, (os.cpu_count() or 2) // local_processes - 1)
+
+
 def _fsdp_all_gather_streams(module: torch.nn.Module) -> list[Any]:
     """The streams FSDP2 gathers ``module``'s parameter shards on in forward (copy-in and collective). They wait on
     the compute stream only once per forward, at the root, so a unit's copy back must be waited for on them too.
@@ -142,7 +149,7 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
         self.grad_slots = 2
         self._executor = (concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="hf_colossal_cpu_step", initializer=torch.set_num_threads,
-            initargs=(self.plugin.cpu_threads or max(1, (os.cpu_count() or 2) - 1),))
+            initargs=(self.plugin.cpu_threads or cpu_step_threads(),))
             if self.plugin.overlap else None)
         self._units = self._build_units()
         if self.plugin.placement == "static":
@@ -276,8 +283,8 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
     def _replan(self) -> None:
         """placement='auto', first step: plan from the measured activation peak and move blocks to the device."""
         capacity = self._capacity_bytes()
-        grads = sum(p.grad.numel() * p.grad.element_size() for u in self._units for p in u.params
-                    if p.grad is not None)
+        grads = sum(g.numel() * g.element_size()  # this rank's shards: what its memory holds
+                    for g in local_tensors([p.grad for u in self._units for p in u.params if p.grad is not None]))
         activation = 0
         if self._cuda:
             activation = max(0, torch.cuda.max_memory_allocated(self.device) - self._baseline_bytes - grads)

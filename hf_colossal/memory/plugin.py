@@ -46,8 +46,9 @@ class HeterogeneousMemoryPlugin(OptionsConfig):
                                                "False trades memory for one all-gather less)")
     overlap: bool = _field(True, "run offloaded units' optimizer steps in a background thread, joined before each "
                                  "unit's next forward (False: inline, for debugging)")
-    cpu_threads: int | None = _field(None, "intra-op threads of the CPU optimizer step (default: all cores but "
-                                           "one, left to the thread that launches GPU work)")
+    cpu_threads: int | None = _field(None, "intra-op threads of the CPU optimizer step (default: this process's "
+                                           "share of the cores, LOCAL_WORLD_SIZE processes per host, less one left "
+                                           "to the thread that launches GPU work)")
     pin_memory: bool = _field(True, "pin host buffers (needed for asynchronous copies; ignored without CUDA)")
 
     def __post_init__(self) -> None:

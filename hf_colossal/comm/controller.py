@@ -64,6 +64,7 @@ class CompressionController:
                                                 sync_dtype)
         self.auto_info: dict = {}
         self._probe_start: float | None = None
+        self._probe_from = 0
         self._optimizers: list = []
         self._pending_state: dict | None = None
         self._build_compressor()
@@ -112,14 +113,14 @@ class CompressionController:
             self._register_hook()
         if self._outer_steps() and self.plugin.warmup_steps == 0:
             self.diloco.start(self.params)  # DDP has just broadcast rank 0's parameters: the first anchor
-        if self.plugin.method == "auto":
+        if self._pending_state is not None:  # before auto decides: a restored decision stands
+            self._apply_state(self._pending_state)
+            self._pending_state = None
+        if self.plugin.method == "auto" and "chosen" not in self.auto_info:
             numel = sum(p.numel() for p in self.params)
             self.auto_info["allreduce_ms"] = auto.measure_allreduce_ms(numel, self.device, self.group)
             if self.plugin.auto_compute_ms is not None:
                 self._decide(self.plugin.auto_compute_ms)
-        if self._pending_state is not None:
-            self._apply_state(self._pending_state)
-            self._pending_state = None
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Follow ``optimizer``'s steps (needed by warm-up, local SGD, DiLoCo and auto's probe)."""
@@ -186,11 +187,13 @@ class CompressionController:
             self._probe()
 
     def _probe(self) -> None:
-        # step 1 includes start-up costs; time steps 2 .. 1 + auto_probe_steps
-        if self.step == 1:
+        # the first step this run sees includes start-up costs; time the auto_probe_steps after it (also after a
+        # resume from a checkpoint saved before the decision)
+        if self._probe_start is None:
             auto.synchronize(self.device)
             self._probe_start = time.perf_counter()
-        elif self.step == 1 + self.plugin.auto_probe_steps and self._probe_start is not None:
+            self._probe_from = self.step
+        elif self.step == self._probe_from + self.plugin.auto_probe_steps:
             auto.synchronize(self.device)
             step_ms = (time.perf_counter() - self._probe_start) * 1e3 / self.plugin.auto_probe_steps
             step_ms = auto.max_over_ranks(step_ms, self.device, self.group)
@@ -239,6 +242,7 @@ class CompressionController:
         if not (folder / "shared.pt").exists():
             warnings.warn(f"{checkpoint_dir} holds no {CHECKPOINT_FOLDER}/ state: gradient compression starts "
                           "fresh (error feedback zero, counters from 0)", stacklevel=2)
+            self.diloco.forget()  # the anchor was taken from the weights the checkpoint replaces
             return False
         shared = torch.load(folder / "shared.pt", map_location="cpu", weights_only=False)
         local_path = folder / f"rank{dist.get_rank(self.group)}.pt"
@@ -257,9 +261,12 @@ class CompressionController:
 
     def _apply_state(self, state: dict) -> None:
         shared, local = state["shared"], state.get("local")
-        if shared["plugin"].get("method") != self.plugin.method:
-            warnings.warn(f"checkpoint's gradient compression method {shared['plugin'].get('method')!r} differs "
-                          f"from {self.plugin.method!r}: its compression state is not restored", stacklevel=3)
+        saved = (shared["plugin"].get("method"), shared["plugin"].get("sync_dtype", "float32"))
+        if saved != (self.plugin.method, self.plugin.sync_dtype):
+            warnings.warn(f"checkpoint's gradient compression (method, sync_dtype) {saved} differs from "
+                          f"{(self.plugin.method, self.plugin.sync_dtype)}: its compression state is not restored",
+                          stacklevel=3)
+            self.diloco.forget()
             return
         self.step, self.round = shared["step"], shared["round"]
         self.auto_info = dict(shared.get("auto", {}))

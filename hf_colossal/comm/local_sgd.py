@@ -65,12 +65,18 @@ class DiLoCoState:
 
     @torch.no_grad()
     def start(self, params: list[torch.Tensor]) -> None:
+        """Anchor at ``params`` (identical on every rank: right after DDP's broadcast, a sync or a warm-up)."""
         self.anchor = [p.detach().float().clone() for p in params]
-        self.buf = [torch.zeros_like(a) for a in self.anchor]
+        self.buf = [torch.zeros_like(a) for a in self.anchor] if self.momentum else []
+
+    def forget(self) -> None:
+        """Drop the anchor (taken from weights that were since replaced); the next sync re-anchors."""
+        self.anchor, self.buf = None, None
 
     @torch.no_grad()
     def outer_step(self, params: list[torch.Tensor], group, world_size: int, counter: ByteCounter) -> None:
-        if self.anchor is None:
+        if self.anchor is None:  # no valid anchor: the ranks may differ, so average in fp32 and anchor there
+            all_reduce_mean_([p.detach() for p in params], group, world_size, counter)
             self.start(params)
             return
         delta = [(a - p.detach().float()).to(self.sync_dtype) for a, p in zip(self.anchor, params)]
@@ -89,6 +95,8 @@ class DiLoCoState:
         if state.get("anchor") is not None:
             self.anchor = [a.to(device) for a in state["anchor"]]
             self.buf = [b.to(device) for b in state["buf"]]
+        else:
+            self.forget()
 
 
 def outer_update_(anchor, buf, delta, lr: float, momentum: float, nesterov: bool) -> None:

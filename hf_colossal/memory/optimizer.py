@@ -97,11 +97,16 @@ class _UnitRuntime:
     copied_back: Any = None  # CUDA event: updated bf16 weights are on the device
 
 
+def local_processes() -> int:
+    """Training processes on this host (torchrun's / accelerate's ``LOCAL_WORLD_SIZE``; 1 without it): they share
+    its cores and its RAM."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def cpu_step_threads() -> int:
-    """Default threads of one process's CPU optimizer step: its share of the cores (processes of this host, from
-    torchrun's ``LOCAL_WORLD_SIZE``) less one, which stays with the thread that launches GPU work."""
-    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, (os.cpu_count() or 2) // local_processes - 1)
+    """Default threads of one process's CPU optimizer step: its share of the host's cores less one, which stays
+    with the thread that launches GPU work."""
+    return max(1, (os.cpu_count() or 2) // local_processes() - 1)
 
 
 def _fsdp_all_gather_streams(module: torch.nn.Module) -> list[Any]:
@@ -152,22 +157,8 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
             initargs=(self.plugin.cpu_threads or cpu_step_threads(),))
             if self.plugin.overlap else None)
         self._units = self._build_units()
-        if self.plugin.placement == "static":
-            self.plan = plan_static(sharded.units, self.plugin.offload_optim_frac, self.footprint,
-                                    sharded.offloadable)
-            capacity = self._capacity_bytes()
-            if capacity is not None:
-                check_fits(self.plan, capacity)
-            self._planned = True
-        else:  # auto: a first plan that leaves room for the unmeasured activations, re-planned after the first step
-            capacity = self._capacity_bytes()
-            if capacity is None:
-                raise MemoryPlanError("placement='auto' on a device without memory statistics needs "
-                                      "device_memory_gib")
-            reserve = max(int(self.plugin.auto_margin_gib * GIB), int(FIRST_PLAN_RESERVE * capacity))
-            self.plan = plan_auto(sharded.units, self.footprint, capacity, 0, reserve, sharded.offloadable)
-            self._planned = False
-        self._check_host_fits()
+        self._planned = self.plugin.placement == "static"
+        self._agreed(self._first_plan)
         for unit, on_device in zip(self._units, self.plan.on_device):
             self._place(unit, on_device)
         if not self._planned and self._cuda:  # what the first forward + backward adds on top is the activation peak
@@ -197,11 +188,48 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
                                       group_of=[group_of[id(named[n])] for n in trained]))
         return units
 
+    def _first_plan(self) -> None:
+        capacity = self._capacity_bytes()
+        if self.plugin.placement == "static":
+            self.plan = plan_static(self.sharded.units, self.plugin.offload_optim_frac, self.footprint,
+                                    self.sharded.offloadable)
+            if capacity is not None:
+                check_fits(self.plan, capacity)
+        else:  # auto: a first plan that leaves room for the unmeasured activations, re-planned after the first step
+            if capacity is None:
+                raise MemoryPlanError("placement='auto' on a device without memory statistics needs "
+                                      "device_memory_gib")
+            reserve = max(int(self.plugin.auto_margin_gib * GIB), int(FIRST_PLAN_RESERVE * capacity))
+            try:
+                self.plan = plan_auto(self.sharded.units, self.footprint, capacity, 0, reserve,
+                                      self.sharded.offloadable)
+            except MemoryPlanError:  # the reserve is a guess: let the measured first step decide
+                self.plan = plan_auto(self.sharded.units, self.footprint, capacity, 0,
+                                      int(self.plugin.auto_margin_gib * GIB), self.sharded.offloadable)
+        self._check_host_fits()
+
     def _check_host_fits(self) -> None:
-        """Before moving anything: the plan's host share against what the host has free (the masters already in
-        host memory count as held; the first step's optimizer state does not exist yet)."""
+        """Before moving anything: the plan's host share against this process's share of what the host has free
+        (the masters already in host memory count as held; the first step's optimizer state does not exist yet)."""
         held = sum(m.numel() * 4 for u in self._units for m in u.masters if m.device.type == "cpu")
-        check_host_fits(self.plan, held, available_host_bytes())
+        check_host_fits(self.plan, held, available_host_bytes() // local_processes())
+
+    def _agreed(self, plan: Callable[[], None]) -> None:
+        """Run ``plan``; if it raises :class:`MemoryPlanError` on any rank, raise on every rank (a refusal on one
+        rank alone would leave the others waiting in FSDP2's collectives)."""
+        error = None
+        try:
+            plan()
+        except MemoryPlanError as raised:
+            error = raised
+        if self.sharded.world_size > 1:
+            failed = torch.tensor([error is not None], dtype=torch.int32, device=self.device)
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+            if failed.item() and error is None:
+                error = MemoryPlanError("heterogeneous memory: another rank's placement does not fit (its error "
+                                        "says where and which setting to change); every rank stops")
+        if error is not None:
+            raise error
 
     def _capacity_bytes(self) -> int | None:
         if self.plugin.device_memory_gib is not None:
@@ -238,13 +266,13 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
     # overlap: waiting for a unit's CPU step
 
     def _pre_forward_hook(self, unit: _UnitRuntime, module: torch.nn.Module):
-        streams: list[Any] = []  # empty: a host wait (CPU, or FSDP2's streams not found)
+        gather: list[Any] = []  # FSDP2's all-gather streams, found at the first forward (after its lazy init)
 
         def hook(module_, args):
-            if self._cuda and not streams:
-                gather = _fsdp_all_gather_streams(module)
-                streams.extend(gather + [torch.cuda.current_stream(self.device)] if gather else [])
-            self._wait(unit, streams)
+            if self._cuda and not gather:
+                gather.extend(_fsdp_all_gather_streams(module))
+            # no streams (CPU, or FSDP2's not found): a host wait
+            self._wait(unit, gather + [torch.cuda.current_stream(self.device)] if gather else None)
 
         return hook
 
@@ -266,6 +294,8 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
         """Wait for every pending CPU step and its copy back (done before state_dict and model saving)."""
         for unit in self._units:
             self._wait(unit)
+        if self._cuda:  # copies back whose events a forward already made its streams wait for
+            self._h2d_stream.synchronize()
 
     # ----------------------------------------------------------------------------------------------------------
     # the step
@@ -288,9 +318,13 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
         activation = 0
         if self._cuda:
             activation = max(0, torch.cuda.max_memory_allocated(self.device) - self._baseline_bytes - grads)
-        self.plan = plan_auto(self.sharded.units, self.footprint, capacity, activation,
-                              int(self.plugin.auto_margin_gib * GIB), self.sharded.offloadable)
-        self._check_host_fits()  # a larger measured activation peak offloads more than the first plan
+
+        def replan() -> None:
+            self.plan = plan_auto(self.sharded.units, self.footprint, capacity, activation,
+                                  int(self.plugin.auto_margin_gib * GIB), self.sharded.offloadable)
+            self._check_host_fits()  # a larger measured activation peak offloads more than the first plan
+
+        self._agreed(replan)
         for unit, on_device in zip(self._units, self.plan.on_device):
             if unit.on_device != on_device:
                 self._place(unit, on_device)
@@ -352,7 +386,19 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
         for k in range(n):
             ready[k] = self._stage_gradients(pending, k, slots[k])
 
+        failed: list[BaseException] = []
+
         def cpu_step(k: int, unit: _UnitRuntime, masters: list[Tensor], targets: list[Tensor]) -> None:
+            if failed:  # this unit's gradient copy was to be started by the unit that failed
+                raise RuntimeError("heterogeneous memory: an earlier offloaded unit's CPU step failed in this "
+                                   "step; this unit was not stepped") from failed[0]
+            try:
+                stepped(k, unit, masters, targets)
+            except BaseException as error:
+                failed.append(error)
+                raise
+
+        def stepped(k: int, unit: _UnitRuntime, masters: list[Tensor], targets: list[Tensor]) -> None:
             if ready[k] is not None:
                 ready[k].synchronize()
             offset = 0
@@ -409,6 +455,9 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
         return staged
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``; zeroing in place first waits for the offloaded units' pending gradient copies.
+        (The model's own ``zero_grad(set_to_none=False)`` cannot wait: right after ``step()`` use this one, or
+        the default ``set_to_none=True`` that Trainer and accelerate use.)"""
         if not set_to_none:  # zeroing in place would race the pending copies of offloaded units' gradients
             self.synchronize()
         super().zero_grad(set_to_none)

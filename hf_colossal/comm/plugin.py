@@ -56,7 +56,12 @@ class GradientCompressionPlugin(OptionsConfig):
                                                  "(default: measured over the first auto_probe_steps steps)")
     auto_probe_steps: int = _field(3, "auto: plain-DDP steps timed to estimate the compute time")
     auto_hidden_ratio: float = _field(0.5, "auto: choose none when all-reduce <= this x compute")
-    auto_bf16_ratio: float = _field(1.5, "auto: choose bf16 when all-reduce <= this x compute, else powersgd")
+    auto_bf16_ratio: float = _field(1.5, "auto: choose bf16 when all-reduce <= this x compute, else "
+                                         "auto_slow_link")
+    auto_slow_link: Literal["local_sgd", "powersgd"] = _field(
+        "local_sgd", "auto: what a link-bound run gets: local_sgd (from the decision on, average bf16 deltas every "
+                     "auto_sync_every steps) or powersgd (rank `rank`)")
+    auto_sync_every: int = _field(4, "auto: sync_every of the local SGD it chooses for a link-bound run")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,6 +83,8 @@ class GradientCompressionPlugin(OptionsConfig):
                             "for compressed gradients use method=bf16")
         if self.auto_compute_ms is not None and self.auto_compute_ms <= 0:
             problems.append(f"auto_compute_ms must be > 0, got {self.auto_compute_ms}")
+        if self.auto_sync_every < 1:
+            problems.append(f"auto_sync_every must be >= 1, got {self.auto_sync_every}")
         if self.auto_probe_steps < 1:
             problems.append(f"auto_probe_steps must be >= 1, got {self.auto_probe_steps}")
         if not 0 <= self.auto_hidden_ratio <= self.auto_bf16_ratio:

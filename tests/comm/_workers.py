@@ -229,11 +229,14 @@ def suite_worker(rank, world_size, port, out_path, tmp):
                ("none", "bf16", "fp16", "powersgd", "topk", "sign", "local_sgd", "diloco")}
     plugins["auto"] = G(method="auto", auto_compute_ms=1e6)
     plugins["local_sgd_bf16"] = G(method="local_sgd", sync_every=4, sync_dtype="bfloat16")
-    # auto that chooses to compress after its probe steps: DDP's hook is registered mid-run
-    plugins["auto_late"] = G(method="auto", auto_probe_steps=1, auto_hidden_ratio=0, auto_bf16_ratio=0)
+    # auto that finds the link slow after its probe step (ratios 0): DDP's hook is registered mid-run
+    late = dict(method="auto", auto_probe_steps=1, auto_hidden_ratio=0, auto_bf16_ratio=0)
+    plugins["auto_late"] = G(**late, auto_sync_every=2)  # -> local SGD, bf16 deltas every 2 steps
+    plugins["auto_late_powersgd"] = G(**late, auto_slow_link="powersgd")
     torch.save(_train_results(plugins, data, rank, world_size), f"{out_path}.train.{rank}")
     resume_plugins = {label: G(method=label, sync_every=2) for label in ("powersgd", "sign", "diloco")}
     resume_plugins["local_sgd_bf16"] = G(method="local_sgd", sync_every=2, sync_dtype="bfloat16")
+    resume_plugins["auto_late"] = plugins["auto_late"]
     torch.save(_resume_results(resume_plugins, data, rank, world_size, tmp), f"{out_path}.resume.{rank}")
     dist.destroy_process_group()
 

@@ -177,7 +177,7 @@ def test_nonfinite_gradient_poisons_every_rank_and_never_enters_error_feedback(s
 
 
 METHODS = ("none", "bf16", "fp16", "powersgd", "topk", "sign", "local_sgd", "diloco", "auto", "local_sgd_bf16",
-           "auto_late")
+           "auto_late", "auto_late_powersgd")
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -191,13 +191,17 @@ def test_training_converges_and_ranks_agree(suite, method):
     if method == "auto":
         assert r0["method"] == "none"  # injected compute time makes the all-reduce negligible
     if method == "auto_late":
+        assert r0["method"] == "local_sgd"  # a slow link after the probe: local SGD from then on, synced at the end
+    if method == "auto_late_powersgd":
         assert r0["method"] == "powersgd"  # chosen after the probe: the hook joined DDP mid-run
 
 
 def test_bytes_shrink_by_method(suite):
     sent = {m: sum(suite["train"][0][m]["bytes"].values()) for m in METHODS if m != "none"}
     assert sent["bf16"] * 2 == sent["auto"]  # auto chose none here: DDP's own fp32 all-reduce, counted per step
-    assert sent["powersgd"] < sent["auto_late"] < sent["auto"]  # 2 plain steps, then PowerSGD
+    assert sent["powersgd"] < sent["auto_late_powersgd"] < sent["auto"]  # 2 plain steps, then PowerSGD
+    # 2 plain fp32 steps, then bf16 deltas at steps 4, 6, 8, 10 and 12 (every 2 from the decision at step 2)
+    assert sent["auto_late"] == sent["auto"] * (2 * 4 + 5 * 2) // (12 * 4)
     assert sent["powersgd"] < sent["bf16"] and sent["sign"] < sent["topk"] < sent["bf16"]
     assert sent["local_sgd"] < sent["auto"] / 3  # parameters averaged every 4 steps instead of 12 all-reduces
     assert sent["local_sgd_bf16"] * 2 == sent["local_sgd"]
@@ -217,7 +221,7 @@ def test_sync_dtype_applies_to_frequency_methods_only():
         GradientCompressionPlugin(method="local_sgd", sync_dtype="float16")
 
 
-@pytest.mark.parametrize("method", ["powersgd", "sign", "diloco", "local_sgd_bf16"])
+@pytest.mark.parametrize("method", ["powersgd", "sign", "diloco", "local_sgd_bf16", "auto_late"])
 def test_checkpoint_resume_is_exact(suite, method):
     for w in range(2):
         r = suite["resume"][w][method]

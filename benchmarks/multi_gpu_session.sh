@@ -20,6 +20,8 @@
 #   f_socket_sync    GPUs 0,1, socket: plain DDP 40 steps; local SGD H=8; local SGD H=4 with bf16 deltas (the
 #                    same bytes per step as H=8); PowerSGD rank 4 (after the CUDA stream fix), 300 steps each
 #   g_memory_2gpu    GPUs 0,1: heterogeneous_memory.py ours, 3.14B sharded over both GPUs, 12 GiB of each used
+#   g_memory_4gpu    GPUs 0-3: the same sharded over four GPUs, then 10.82B (auto, whole cards) over four
+#   h_socket_4gpu    GPUs 0-3, socket: plain DDP 25 steps, local SGD H=4 with bf16 deltas and auto 100 steps
 # PARTS (default "a b c d_scaling_w1 d_scaling_w2 d_scaling_w4") picks and orders the parts, e.g.
 #   PARTS="e_auto_nvlink f_socket_sync d_scaling_w1 d_scaling_w4 g_memory_2gpu" bash benchmarks/multi_gpu_session.sh OUT
 # Estimates (H100; plain DDP 59 ms NVLink / ~350 ms socket per step): a ~120 s, b ~130 s, c ~60 s, d ~120 s,
@@ -97,6 +99,13 @@ run_part() {
         --steps 300 --out "$OUT/f_socket_sync.json" ;;
     g_memory_2gpu) part g_memory_2gpu 120 env CUDA_VISIBLE_DEVICES=0,1 "${RUN2[@]}" benchmarks/heterogeneous_memory.py \
         ours --hidden 3072 --layers 26 --options placement=auto,device_memory_gib=12 ;;
+    g_memory_4gpu) part g_memory_4gpu 120 env CUDA_VISIBLE_DEVICES=0,1,2,3 "${RUN4[@]}" \
+            benchmarks/heterogeneous_memory.py ours --hidden 3072 --layers 26 --options placement=auto,device_memory_gib=12
+        part g_memory_4gpu_largest 300 env CUDA_VISIBLE_DEVICES=0,1,2,3 "${RUN4[@]}" \
+            benchmarks/heterogeneous_memory.py ours --hidden 4096 --layers 53 --steps 7 --options placement=auto ;;
+    h_socket_4gpu) part h_socket_4gpu 150 env CUDA_VISIBLE_DEVICES=0,1,2,3 "${SOCKET[@]}" "${RUN4[@]}" \
+        benchmarks/ddp_compression.py --methods ddp@25,local_sgd:sync_every=4+sync_dtype=bfloat16,auto \
+        --steps 100 --out "$OUT/h_socket_4gpu.json" ;;
     *) echo "unknown part $1" >&2 ;;
     esac
 }

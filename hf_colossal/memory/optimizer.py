@@ -151,6 +151,8 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
         self._d2h_stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._h2d_stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._staging: list[Tensor] | None = None
+        # pinned fp32 host slots the offloaded units' gradients pass through (each the size of the largest unit;
+        # the host-memory plan counts two). On an H100 host 2, 3 or one per unit stepped equally fast.
         self.grad_slots = 2
         self._executor = (concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="hf_colossal_cpu_step", initializer=torch.set_num_threads,

@@ -333,8 +333,6 @@ def _lars_bucket(
     ``None`` entries of ``momentum_buffers`` are replaced by new buffers. Returns the local learning rates (trust
     ratios, after the LARC clip) that were applied, None without ``adapt``.
     """
-    directions = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay != 0 else grads
-
     # Eq. 6: local lr = eta ||x|| / (||g|| + wd ||x|| + eps), 1 where a norm is 0; LARC clip: min(local / lr, 1)
     local_lrs = None
     if adapt:
@@ -350,10 +348,27 @@ def _lars_bucket(
         )
         if trust_clip:
             local_lrs = torch.clamp(local_lrs / lr, max=1.0)
-        directions = torch._foreach_mul(directions, (local_lrs * lr if lr_in_momentum else local_lrs).unbind())
-    elif lr_in_momentum:
-        directions = torch._foreach_mul(directions, lr)
+    # the factor of each tensor's direction d = g + wd x before momentum; the lr, unless it is inside the buffer
+    scales = local_lrs * lr if lr_in_momentum and adapt else local_lrs
+    if scales is None and lr_in_momentum:
+        scales = torch.full((len(params),), float(lr))
+    step_lr = 1.0 if lr_in_momentum else lr
+    if params[0].device.type == "cpu" and params[0].dtype == torch.float32:
+        _cpu_update(params, grads, momentum_buffers, scales, step_lr=step_lr, momentum=momentum,
+                    dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
+    else:
+        _foreach_update(params, grads, momentum_buffers, scales, step_lr=step_lr, momentum=momentum,
+                        dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
+    return local_lrs
 
+
+def _foreach_update(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None],
+                    scales: Tensor | None, *, step_lr: float, momentum: float, dampening: float,
+                    weight_decay: float, nesterov: bool) -> None:
+    """Algorithm 1 after the trust ratios: ``d = scale (g + wd x)``, momentum buffer, ``x -= step_lr * step``."""
+    directions = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay != 0 else grads
+    if scales is not None:
+        directions = torch._foreach_mul(directions, scales.unbind())
     # Algorithm 1, momentum: b = mu b + (1 - dampening) d. A new buffer starts at d, as in torch.optim.SGD (without
     # dampening that equals the paper's zero-initialised buffer).
     if momentum != 0:
@@ -370,7 +385,29 @@ def _lars_bucket(
         )
     else:
         steps = directions
+    # Algorithm 1, weights: x = x - lr * step (lr 1 when it is already inside the buffer)
+    torch._foreach_add_(params, steps, alpha=-step_lr)
 
-    # Algorithm 1, weights: x = x - lr * step, or x = x - step when the lr is already inside the buffer
-    torch._foreach_add_(params, steps, alpha=-1.0 if lr_in_momentum else -lr)
-    return local_lrs
+
+def _cpu_update(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor | None],
+                scales: Tensor | None, *, step_lr: float, momentum: float, dampening: float,
+                weight_decay: float, nesterov: bool) -> None:
+    """:func:`_foreach_update` for fp32 CPU tensors in one pass per tensor of torch's fused CPU SGD kernel.
+
+    ``scale (g + wd x)`` is the kernel's ``g' + wd' x`` with ``g' = scale g`` (a scaled copy, in one scratch buffer
+    reused across tensors; ``g`` itself is only read) and ``wd' = scale wd``; the kernel then does SGD's momentum
+    and update. The per-tensor scales are read on the host (CPU tensors: no device synchronisation)."""
+    factors = scales.tolist() if scales is not None else [1.0] * len(params)
+    largest = max((g.numel() for g, f in zip(grads, factors) if f != 1.0), default=0)
+    scratch = torch.empty(largest, dtype=torch.float32) if largest else None
+    for i, (param, grad, factor) in enumerate(zip(params, grads, factors)):
+        if factor != 1.0:
+            grad = torch.mul(grad, factor, out=scratch[: grad.numel()].view_as(grad))
+        first = momentum != 0 and momentum_buffers[i] is None
+        if first:
+            momentum_buffers[i] = torch.empty_like(param)
+        torch._fused_sgd_(
+            [param], [grad], [momentum_buffers[i]] if momentum != 0 else [],
+            weight_decay=weight_decay * factor, momentum=momentum, lr=step_lr, dampening=dampening,
+            nesterov=nesterov, maximize=False, is_first_step=first,
+        )

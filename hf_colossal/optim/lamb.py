@@ -372,6 +372,10 @@ def _lamb_bucket(
     if weight_decay != 0 and not decoupled_weight_decay:
         grads = torch._foreach_add(grads, params, alpha=weight_decay)
 
+    if bias_correction and params[0].device.type == "cpu" and shard_group is None:
+        return _cpu_tensor_by_tensor(params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1,
+                                     beta2=beta2, eps=eps, weight_decay=weight_decay if decoupled_weight_decay else 0.0,
+                                     adapt=adapt, max_trust_ratio=max_trust_ratio)
     if bias_correction and params[0].device.type == "cpu":
         # Algorithm 2, moments and ratio in one vectorised pass: torch's fused CPU Adam kernel with lr 1 and no
         # decay, run on zeros instead of the parameters, leaves -r (same formula as below) in `updates`
@@ -412,3 +416,43 @@ def _lamb_bucket(
         torch._foreach_mul_(updates, ratios.unbind())
     torch._foreach_add_(params, updates, alpha=-lr * sign)
     return ratios
+
+
+def _cpu_tensor_by_tensor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    adapt: bool,
+    max_trust_ratio: float | None,
+) -> Tensor | None:
+    """The bucket's step on the CPU (unsharded, bias-corrected), one tensor at a time through one scratch buffer
+    reused across tensors (no step-sized allocations), each stage a single vectorised pass:
+
+    the scratch starts at ``-wd x``; torch's fused CPU Adam kernel (lr 1, no decay) subtracts ``r`` from it, leaving
+    ``-u = -wd x - r``, and updates the moments; the two norms; ``x += lr * ratio * (-u)``. The ratio is read on the host
+    (CPU tensors: no device synchronisation). ``weight_decay`` is the decoupled one (0 when it was added to the
+    gradients). Same formulas as :func:`_lamb_bucket`; returns the trust ratios (None without ``adapt``)."""
+    scratch = torch.empty(max(p.numel() for p in params), dtype=params[0].dtype)
+    ratios = []
+    for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
+        update = scratch[: param.numel()].view_as(param)
+        torch.mul(param, -weight_decay, out=update)  # the kernel subtracts r from it: -u = -wd x - r
+        torch._fused_adamw_([update], [grad], [exp_avg], [exp_avg_sq], [], [step], lr=1.0, beta1=beta1,
+                            beta2=beta2, weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
+        ratio = 1.0
+        if adapt:
+            ratio_tensor = trust_ratios([torch.linalg.vector_norm(param)], [torch.linalg.vector_norm(update)])
+            if max_trust_ratio is not None:
+                ratio_tensor = ratio_tensor.clamp(max=max_trust_ratio)
+            ratios.append(ratio_tensor)
+            ratio = ratio_tensor.item()
+        param.add_(update, alpha=lr * ratio)
+    return torch.cat(ratios) if adapt else None

@@ -109,6 +109,15 @@ def cpu_step_threads() -> int:
     return max(1, (os.cpu_count() or 2) // local_processes() - 1)
 
 
+def _views_into(flat: Tensor, tensors: list[Tensor]) -> list[Tensor]:
+    """Consecutive views of the 1-D ``flat``, shaped like ``tensors`` (a gradient slot laid out for one unit)."""
+    views, offset = [], 0
+    for tensor in tensors:
+        views.append(flat[offset:offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()
+    return views
+
+
 def _fsdp_all_gather_streams(module: torch.nn.Module) -> list[Any]:
     """The streams FSDP2 gathers ``module``'s parameter shards on in forward (copy-in and collective). They wait on
     the compute stream only once per forward, at the root, so a unit's copy back must be waited for on them too.
@@ -201,13 +210,13 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
             if capacity is None:
                 raise MemoryPlanError("placement='auto' on a device without memory statistics needs "
                                       "device_memory_gib")
-            reserve = max(int(self.plugin.auto_margin_gib * GIB), int(FIRST_PLAN_RESERVE * capacity))
+            margin = int(self.plugin.auto_margin_gib * GIB)
             try:
-                self.plan = plan_auto(self.sharded.units, self.footprint, capacity, 0, reserve,
-                                      self.sharded.offloadable)
-            except MemoryPlanError:  # the reserve is a guess: let the measured first step decide
                 self.plan = plan_auto(self.sharded.units, self.footprint, capacity, 0,
-                                      int(self.plugin.auto_margin_gib * GIB), self.sharded.offloadable)
+                                      max(margin, int(FIRST_PLAN_RESERVE * capacity)), self.sharded.offloadable)
+            except MemoryPlanError:  # the reserve is a guess: let the measured first step decide
+                self.plan = plan_auto(self.sharded.units, self.footprint, capacity, 0, margin,
+                                      self.sharded.offloadable)
         self._check_host_fits()
 
     def _check_host_fits(self) -> None:
@@ -403,10 +412,8 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
         def stepped(k: int, unit: _UnitRuntime, masters: list[Tensor], targets: list[Tensor]) -> None:
             if ready[k] is not None:
                 ready[k].synchronize()
-            offset = 0
-            for master in masters:
-                master.grad = slots[k % n][offset:offset + master.numel()].view_as(master)
-                offset += master.numel()
+            for master, view in zip(masters, _views_into(slots[k % n], masters)):
+                master.grad = view
             unit.base.step()
             for master in masters:
                 master.grad = None
@@ -440,10 +447,7 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
         """Copy the device gradients ``pending[k]`` into ``slot`` (fp32) and release them; on CUDA the copy runs
         on the device-to-host stream and the returned event marks its end."""
         grads, pending[k] = pending[k], None
-        views, offset = [], 0
-        for grad in grads:
-            views.append(slot[offset:offset + grad.numel()].view_as(grad))
-            offset += grad.numel()
+        views = _views_into(slot, grads)
         if not self._cuda:
             for view, grad in zip(views, grads):
                 view.copy_(grad)

@@ -351,7 +351,7 @@ def _lars_bucket(
     # the factor of each tensor's direction d = g + wd x before momentum; the lr, unless it is inside the buffer
     scales = local_lrs * lr if lr_in_momentum and adapt else local_lrs
     if scales is None and lr_in_momentum:
-        scales = torch.full((len(params),), float(lr))
+        scales = torch.full((len(params),), float(lr), device=params[0].device)
     step_lr = 1.0 if lr_in_momentum else lr
     if params[0].device.type == "cpu" and params[0].dtype == torch.float32:
         _cpu_update(params, grads, momentum_buffers, scales, step_lr=step_lr, momentum=momentum,

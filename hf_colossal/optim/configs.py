@@ -143,7 +143,9 @@ class ShampooConfig(OptimizerConfig):
     matmul_dtype: Literal["tfloat32", "float32", "bfloat16"] = _opt(
         "tfloat32", "precision of the per-step products (TF32 on CUDA, true fp32, or bf16 inputs); roots stay fp32"
     )
-    root_inverse: Literal["newton", "eigh"] = _opt("newton", "inverse roots by coupled Newton (matmuls) or eigh")
+    root_inverse: Literal["qr", "newton", "eigh"] = _opt(
+        "qr", "inverse roots: warm-started QR eigenbasis refresh, coupled Newton (matmuls) or full eigh"
+    )
     newton_iterations: int = _opt(20, "fixed iteration count of root_inverse=newton")
     stagger_recompute: bool = _opt(True, "spread the root recomputations over the frequency's steps")
     nonfinite: Literal["skip", "error", "apply"] = _opt("skip", "on inf/NaN grads: skip the step, raise, or apply")
@@ -163,7 +165,10 @@ class SoapConfig(OptimizerConfig):
     eigenbasis_update: Literal["qr", "eigh"] = _opt("qr", "refresh by one power-iteration + QR step, or full eigh")
     preconditioner_dtype: Literal["float32", "float64"] = _opt("float32", "dtype of factors, eigh/QR and bases")
     matmul_dtype: Literal["tfloat32", "float32", "bfloat16"] = _opt(
-        "tfloat32", "precision of the factor products (TF32 on CUDA, fp32, bf16); rotations stay true fp32"
+        "tfloat32", "precision of the factor products (TF32 on CUDA, fp32, bf16)"
+    )
+    rotation_dtype: Literal["float32", "tfloat32", "bfloat16"] = _opt(
+        "float32", "precision of the rotations into/out of the eigenbasis (tfloat32: ~5x faster, noisier)"
     )
     stagger_recompute: bool = _opt(True, "spread the eigenbasis refreshes over the frequency's steps")
     nonfinite: Literal["skip", "error", "apply"] = _opt("skip", "on inf/NaN grads: skip the step, raise, or apply")

@@ -282,6 +282,30 @@ def test_failed_decomposition_keeps_previous_preconditioner_and_counts(cls, fail
     assert all(t.isfinite().all() for t in tensors.values())
 
 
+def test_eigh_that_fails_in_float32_is_retried_in_float64(monkeypatch):
+    from hf_colossal.optim.shampoo import symmetric_eigh
+
+    real_eigh = torch.linalg.eigh
+    calls = []
+    factors = _spd_stack(8, 2, torch.float32)
+    factors[1] *= 100
+    threshold = 10 * float(factors[0].abs().max())
+
+    def eigh(matrices):  # LAPACK's divide and conquer giving up on the float32 batch and on one float32 matrix
+        calls.append((tuple(matrices.shape), matrices.dtype))
+        if matrices.dtype == torch.float32 and (matrices.dim() == 3 or matrices.abs().max() > threshold):
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return real_eigh(matrices)
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    values, vectors = symmetric_eigh(factors)
+    expected = real_eigh(factors.double())
+    assert values.dtype == torch.float32 and values.isfinite().all()
+    torch.testing.assert_close(values.double(), expected[0], rtol=1e-5, atol=1e-6)
+    assert calls == [((2, 8, 8), torch.float32), ((8, 8), torch.float32), ((8, 8), torch.float32),
+                     ((8, 8), torch.float64)]
+
+
 def _train(cls, options, grads, tensors, optimizer=None):
     optimizer = optimizer or cls(list(tensors.values()), **options)
     for step in grads:

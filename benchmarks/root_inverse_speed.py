@@ -1,27 +1,47 @@
-"""GPU time of the preconditioner kernels of Shampoo / SOAP / K-FAC on stacks of 1024 x 1024 factors.
+"""GPU time and accuracy of the preconditioner kernels of Shampoo / SOAP / K-FAC on stacks of 1024 x 1024 factors.
 
-    python benchmarks/root_inverse_speed.py [--batch 54] [--dim 1024]
+    python benchmarks/root_inverse_speed.py [--batch 27] [--dim 1024] [--periods 6]
+    python benchmarks/root_inverse_speed.py --device cpu --batch 2 --dim 64    # CPU smoke run
 
-54 factors is what a 271M Llama due at every step of Shampoo with precondition_frequency=10 (staggered). Each row:
-ms for the whole stack (CUDA events, median of 3 after a warm-up) and ms per matrix. Factors are sums of G G^T of
-random gradients with a decaying spectrum, as a run accumulates them.
+27 factors is what the 97.5M Llama of second_order_quality.py has due at every step of Shampoo with
+precondition_frequency=10 (staggered); the 271M Llama of optimizer_step.py has 54. Timing rows: ms for the whole
+stack (CUDA events, median of 3 after a warm-up). Factors are sums of G G^T of gradients with a decaying spectrum
+(1 to 1e-3) in a random basis, as a run accumulates them.
+
+Accuracy rows: Shampoo's ``root_inverse="qr"`` tracks a stream of factors, one refresh per period of 10
+accumulated G G^T, the basis starting from an exact eigendecomposition (as at the first preconditioned step); each
+row gives, per period, the largest relative error of the preconditioned direction ``R G`` against the float64
+eigendecomposition root with the same ridge, and of 20-iteration Newton for comparison. ``drift`` rotates the
+gradients' basis a little more every period (0: a stationary basis).
 """
 
 import argparse
 import json
+import math
+import time
 
 import torch
 
 from hf_colossal.optim._precision import fp32_matmul_precision
 from hf_colossal.optim.kfac import damped_inverses
-from hf_colossal.optim.shampoo import inverse_root, newton_inverse_root, refresh_eigenbasis
+from hf_colossal.optim.shampoo import (
+    RELATIVE_RIDGE, cholesky_qr, inverse_root, newton_inverse_root, qr_inverse_root, refresh_eigenbasis)
+
+
+DEVICE = "cuda"
 
 
 def timed(fn, repeats=3):
+    """Median ms of ``repeats`` calls after a warm-up (CUDA events on the GPU, the wall clock on the CPU)."""
     fn()
-    torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
+        if DEVICE == "cpu":
+            started = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - started))
+            continue
+        torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -31,59 +51,84 @@ def timed(fn, repeats=3):
     return sorted(times)[len(times) // 2]
 
 
+def factor_stream(batch, dim, periods, drift, generator):
+    """``periods`` increments (sums of 10 G G^T each) of factors whose gradients live in a slowly rotating basis."""
+    scale = torch.logspace(0, -3, dim, device=DEVICE)
+    basis = torch.linalg.qr(torch.randn(batch, dim, dim, device=DEVICE, generator=generator))[0]
+    for period in range(periods):
+        noise = torch.randn(batch, dim, dim, device=DEVICE, generator=generator) / math.sqrt(dim)
+        rotated = torch.linalg.qr(basis + drift * period * noise)[0] if drift else basis
+        increment = torch.zeros(batch, dim, dim, device=DEVICE)
+        for _ in range(10):
+            grads = rotated @ (torch.randn(batch, dim, dim, device=DEVICE, generator=generator) * scale[:, None])
+            increment += grads @ grads.mT
+        yield increment
+
+
+def exact_root(factors):
+    """float64 eigendecomposition root with the ridge of the Newton and QR paths (max(1e-12, 1e-6 ||A||_F))."""
+    values, vectors = torch.linalg.eigh(factors.double())
+    ridges = (RELATIVE_RIDGE * torch.linalg.matrix_norm(factors.double())).clamp_min(1e-12)
+    return (vectors * (values.clamp_min(0) + ridges[:, None]).pow(-0.25).unsqueeze(-2)) @ vectors.mT
+
+
+def direction_error(roots, reference, generator):
+    grads = torch.randn(reference.shape, device=DEVICE, dtype=torch.float64, generator=generator)
+    ours, exact = (roots.double() @ grads).flatten(1), (reference @ grads).flatten(1)
+    return float(((ours - exact).norm(dim=1) / exact.norm(dim=1)).max())
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--batch", type=int, default=54)
+    parser.add_argument("--batch", type=int, default=27)
     parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--periods", type=int, default=6)
+    parser.add_argument("--device", default="cuda")
     ns = parser.parse_args()
+    global DEVICE
+    DEVICE = ns.device
     b, n = ns.batch, ns.dim
-    torch.manual_seed(0)
-    scale = torch.logspace(0, -3, n, device="cuda")
-    factors = torch.zeros(b, n, n, device="cuda")
-    for _ in range(4):
-        g = torch.randn(b, n, n, device="cuda") * scale[:, None]
-        factors += g @ g.mT
-    reference, _ = inverse_root(factors.double(), root=4, eps=1e-12)
-    rows = []
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    factors = next(factor_stream(b, n, 1, 0.0, generator))
+    bases = torch.linalg.eigh(factors)[1].flip(-1).contiguous()
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    print(json.dumps({"device": name, "torch": torch.__version__, "batch": b, "dim": n}))
 
-    def row(name, fn, check=None):
+    def row(name, fn):
         ms = timed(fn)
-        entry = {"name": name, "ms": round(ms, 2), "ms_per_matrix": round(ms / b, 3)}
-        if check is not None:
-            out = check()
-            entry["rel_err_vs_fp64_eigh"] = float(
-                (torch.linalg.matrix_norm(out.double() - reference) / torch.linalg.matrix_norm(reference)).max())
-        rows.append(entry)
-        print(json.dumps(entry), flush=True)
+        print(json.dumps({"name": name, "ms": round(ms, 2), "ms_per_matrix": round(ms / b, 3)}), flush=True)
 
     with fp32_matmul_precision("ieee"):
-        row("eigh_fp32_cusolver(default)", lambda: torch.linalg.eigh(factors))
-        row("inverse_root_eigh_fp32", lambda: inverse_root(factors, root=4, eps=1e-12),
-            lambda: inverse_root(factors, root=4, eps=1e-12)[0])
-        for iterations in (15, 20):
-            row(f"newton_fp32_{iterations}it", lambda: newton_inverse_root(factors, root=4, eps=1e-12,
-                                                                             iterations=iterations),
-                lambda: newton_inverse_root(factors, root=4, eps=1e-12, iterations=iterations)[0])
-        row("newton_fp64_20it", lambda: newton_inverse_root(factors.double(), root=4, eps=1e-12),
-            lambda: newton_inverse_root(factors.double(), root=4, eps=1e-12)[0])
-        bases = torch.linalg.eigh(factors)[1].flip(-1)
-        row("soap_refresh_qr(matmul+argsort+qr)", lambda: refresh_eigenbasis(factors, bases))
-        row("qr_only", lambda: torch.linalg.qr(factors))
-        row("kfac_cholesky_inverse", lambda: damped_inverses(factors, torch.full((b,), 1e-3, device="cuda")))
-        row("bmm_fp32_x10", lambda: [torch.bmm(factors, factors) for _ in range(10)])
+        row("eigh_fp32", lambda: torch.linalg.eigh(factors))
+        row("shampoo_root_eigh", lambda: inverse_root(factors, root=4, eps=1e-12))
+        row("shampoo_root_newton_20it", lambda: newton_inverse_root(factors, root=4, eps=1e-12))
+        row("shampoo_root_qr (default)", lambda: qr_inverse_root(factors, bases, root=4, eps=1e-12))
+        row("soap_refresh_eigenbasis", lambda: refresh_eigenbasis(factors, bases))
+        row("cholesky_qr_fp64", lambda: cholesky_qr(factors))
+        row("householder_qr_fp32", lambda: torch.linalg.qr(factors))
+        row("kfac_cholesky_inverse", lambda: damped_inverses(factors, torch.full((b,), 1e-3, device=DEVICE)))
+        row("bmm_fp32", lambda: torch.bmm(factors, factors))
     with fp32_matmul_precision("tf32"):
-        row("newton_tf32_20it(not used)", lambda: newton_inverse_root(factors, root=4, eps=1e-12),
-            lambda: newton_inverse_root(factors, root=4, eps=1e-12)[0])
-        row("bmm_tf32_x10", lambda: [torch.bmm(factors, factors) for _ in range(10)])
-    row("bmm_bf16_x10", lambda: [torch.bmm(factors.bfloat16(), factors.bfloat16()) for _ in range(10)])
-    try:
-        torch.backends.cuda.preferred_linalg_library("magma")
-        row("eigh_fp32_magma", lambda: torch.linalg.eigh(factors))
-        row("qr_magma", lambda: torch.linalg.qr(factors))
-    except RuntimeError as err:
-        print("magma:", err)
-    finally:
-        torch.backends.cuda.preferred_linalg_library("default")
+        row("bmm_tf32", lambda: torch.bmm(factors, factors))
+    row("bmm_bf16", lambda: torch.bmm(factors.bfloat16(), factors.bfloat16()))
+    row("bmm_fp64", lambda: torch.bmm(factors.double(), factors.double()))
+
+    for drift in (0.0, 0.5):
+        accumulated = torch.zeros(b, n, n, device=DEVICE)
+        qr_errors, newton_errors = [], []
+        for period, increment in enumerate(factor_stream(b, n, ns.periods + 1, drift, generator)):
+            accumulated += increment
+            if period == 0:
+                bases = torch.linalg.eigh(accumulated)[1]
+                continue
+            reference = exact_root(accumulated)
+            with fp32_matmul_precision("ieee"):
+                roots, bases, ok = qr_inverse_root(accumulated, bases, root=4, eps=1e-12)
+                newton, _ = newton_inverse_root(accumulated, root=4, eps=1e-12)
+            qr_errors.append(round(direction_error(roots, reference, generator), 4) if ok.all() else None)
+            newton_errors.append(round(direction_error(newton, reference, generator), 6))
+        print(json.dumps({"accuracy": "direction error per period", "drift": drift, "qr": qr_errors,
+                          "newton_20it": newton_errors}), flush=True)
 
 
 if __name__ == "__main__":

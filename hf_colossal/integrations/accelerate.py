@@ -183,9 +183,29 @@ def _keep_sharded_models_out_of_ddp(accelerator) -> None:
     accelerator.prepare_model = prepare_model
 
 
+def use_sharded_grad_scaler(accelerator) -> None:
+    """Give ``accelerator`` torch's ``ShardedGradScaler`` in place of its fp16 ``GradScaler``, with the same settings.
+
+    The plain scaler refuses fp16 gradients ("Attempting to unscale FP16 gradients"); the sharded one unscales them
+    in place and all-reduces the inf/NaN flag, so every rank skips the same steps and keeps the same scale. Call
+    before ``accelerator.prepare`` (the prepared optimizer holds the scaler). No scaler (no fp16 AMP, e.g. on the
+    CPU): nothing to replace."""
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    scaler = accelerator.scaler
+    if scaler is None or isinstance(scaler, ShardedGradScaler):
+        return
+    accelerator.scaler = ShardedGradScaler(
+        device=accelerator.device.type, init_scale=scaler.get_scale(), growth_factor=scaler.get_growth_factor(),
+        backoff_factor=scaler.get_backoff_factor(), growth_interval=scaler.get_growth_interval(),
+        enabled=scaler.is_enabled())
+
+
 def enable_heterogeneous_memory(accelerator, model, plugin=None, *, optimizer: str = "adamw",
                                 param_groups: Any = None, **hyperparameters: Any):
-    """Shard ``model`` with FSDP2 (bf16 shards) and build its :class:`~hf_colossal.memory.HeterogeneousOptimizer`.
+    """Shard ``model`` with FSDP2 (``plugin.param_dtype`` shards) and build its
+    :class:`~hf_colossal.memory.HeterogeneousOptimizer`. With fp16 parameters (and ``mixed_precision="fp16"``) the
+    accelerator's scaler becomes a ``ShardedGradScaler`` (:func:`use_sharded_grad_scaler`).
 
     Call after building the Accelerator and before ``accelerator.prepare``; pass the returned model and optimizer
     to ``prepare`` (with the dataloaders and scheduler as usual)::
@@ -203,10 +223,10 @@ def enable_heterogeneous_memory(accelerator, model, plugin=None, *, optimizer: s
                                         DistributedType.MEGATRON_LM):
         raise ValueError(f"heterogeneous memory shards the model with FSDP2 itself; launch without "
                          f"--use_fsdp / --use_deepspeed (this accelerator uses {accelerator.distributed_type})")
-    if accelerator.mixed_precision == "fp16":
-        raise ValueError("heterogeneous memory trains bf16 weights with fp32 masters; fp16 loss scaling is not "
-                         "supported: use mixed_precision='bf16' (or 'no')")
     plugin = plugin or HeterogeneousMemoryPlugin()
+    plugin.check_mixed_precision(accelerator.mixed_precision)
+    if plugin.param_dtype == "float16":
+        use_sharded_grad_scaler(accelerator)
     sharded = shard_model(model, plugin, device=accelerator.device)
     params = param_groups(model) if callable(param_groups) else model.parameters()
     built = HeterogeneousOptimizer(params, sharded, plugin, base=optimizer, **hyperparameters)

@@ -2,8 +2,11 @@
 
 What Trainer would do and why each is replaced (``shared/notes/hf-integration.md``):
 
-- ``__init__`` shards the model (FSDP2, bf16 shards, fp32 masters set aside) before Trainer moves it to the
-  device; ``_move_model_to_device`` is skipped for it (``.to()`` on FSDP2 parameters raises);
+- ``__init__`` shards the model (FSDP2, bf16 / fp16 / fp32 shards, fp32 masters set aside) before Trainer moves it
+  to the device; ``_move_model_to_device`` is skipped for it (``.to()`` on FSDP2 parameters raises); ``--fp16`` /
+  ``--bf16`` must go with the plugin's ``param_dtype`` (``check_mixed_precision``);
+- with fp16 weights, accelerate's ``GradScaler`` becomes torch's ``ShardedGradScaler`` (it unscales fp16
+  gradients; the plain one refuses them);
 - ``create_accelerator_and_postprocess``: accelerate would refuse DTensor parameters under DDP; the prepared model
   gets accelerate's mixed-precision forward only;
 - ``create_optimizer`` builds :class:`~hf_colossal.memory.HeterogeneousOptimizer` with Trainer's decay / no-decay
@@ -32,7 +35,7 @@ from ..memory import (
     shard_model,
     sharded_model_of,
 )
-from .accelerate import _keep_sharded_models_out_of_ddp
+from .accelerate import _keep_sharded_models_out_of_ddp, use_sharded_grad_scaler
 
 #: ``--optim`` values and the base rule they select
 BASE_FOR_OPTIM = {"lamb": "lamb"}
@@ -74,9 +77,7 @@ class HeterogeneousMemoryTrainerMixin:
                                  "not supported")
             if args is None:
                 raise ValueError("heterogeneous memory needs TrainingArguments (args=...) to know the device")
-            if args.fp16:
-                raise ValueError("heterogeneous memory trains bf16 weights with fp32 masters; --fp16 loss scaling "
-                                 "is not supported: use --bf16 (or neither)")
+            self.heterogeneous_memory.check_mixed_precision("fp16" if args.fp16 else "bf16" if args.bf16 else "no")
             base_optimizer_for(args.optim)  # fail before sharding
             if sharded_model_of(model) is None:
                 shard_model(model, self.heterogeneous_memory, device=args.device)
@@ -94,6 +95,8 @@ class HeterogeneousMemoryTrainerMixin:
         super().create_accelerator_and_postprocess()  # type: ignore[misc]
         if self.heterogeneous_memory is not None:
             _keep_sharded_models_out_of_ddp(self.accelerator)
+            if self.heterogeneous_memory.param_dtype == "float16":
+                use_sharded_grad_scaler(self.accelerator)
 
     def create_optimizer(self, model: Any = None):
         sharded = self._sharded

@@ -24,14 +24,18 @@ def _field(default, help_text: str):
 class HeterogeneousMemoryPlugin(OptionsConfig):
     """Gemini-style heterogeneous memory on FSDP2 (Colossal-AI's Gemini; ZeRO-Offload, Ren et al. 2021).
 
-    Parameters are bf16 FSDP2 shards on the GPU; each unit's fp32 master weights and optimizer state live on the
-    GPU or in pinned CPU memory; offloaded units are stepped on the CPU while the GPU runs on.
+    Parameters are bf16 (or fp16, or fp32) FSDP2 shards on the GPU; each unit's fp32 master weights and optimizer
+    state live on the GPU or in pinned CPU memory; offloaded units are stepped on the CPU while the GPU runs on.
+    fp16 parameters need dynamic loss scaling (Micikevicius et al. 2018, "Mixed Precision Training", Sec. 3.2):
+    torch's ``ShardedGradScaler``, which unscales fp16 gradients and agrees on inf/NaN across ranks; the accelerate
+    and Trainer routes install it (see :meth:`check_mixed_precision`).
     """
 
     subject: ClassVar[str] = "HeterogeneousMemoryPlugin (recipe plugins: heterogeneous_memory)"
 
-    param_dtype: Literal["bfloat16", "float32"] = _field(
-        "bfloat16", "dtype of the sharded parameters the model computes with (float32: fp32 training with only the "
+    param_dtype: Literal["bfloat16", "float16", "float32"] = _field(
+        "bfloat16", "dtype of the sharded parameters the model computes with (float16: with fp16 mixed precision and "
+                    "loss scaling; float32: fp32 training with only the "
                     "optimizer state and master copy placed; no low-precision copy)")
     placement: Literal["auto", "static"] = _field(
         "auto", "auto: size the GPU-resident share from the first step's measured activation peak; static: use "
@@ -66,3 +70,17 @@ class HeterogeneousMemoryPlugin(OptionsConfig):
             problems.append("offload_optim_frac applies to placement='static' only")
         if problems:
             raise OptionsError(f"{self.subject}: " + "; ".join(problems) + ".\n" + self.describe())
+
+    def check_mixed_precision(self, mixed_precision: str) -> None:
+        """Refuse a mixed-precision mode (accelerate's ``"no" | "bf16" | "fp16"``, Trainer's ``--bf16`` / ``--fp16``)
+        that does not go with ``param_dtype``: fp16 parameters need fp16 mixed precision (its loss scaling keeps
+        their gradients from underflowing), and fp16 mixed precision needs fp16 or fp32 parameters (bf16 weights
+        would be cast to fp16 for every product)."""
+        if self.param_dtype == "float16" and mixed_precision != "fp16":
+            raise ValueError(f"HeterogeneousMemoryPlugin(param_dtype='float16') needs fp16 mixed precision for its "
+                             f"loss scaling (accelerate mixed_precision='fp16', Trainer --fp16); got "
+                             f"{mixed_precision!r}. Use param_dtype='bfloat16' with bf16 or no mixed precision.")
+        if mixed_precision == "fp16" and self.param_dtype == "bfloat16":
+            raise ValueError("fp16 mixed precision with HeterogeneousMemoryPlugin(param_dtype='bfloat16') would cast "
+                             "the bf16 weights to fp16 for every product: use param_dtype='float16' (fp16 weights, "
+                             "fp32 masters) or 'float32', or bf16 mixed precision.")

@@ -64,10 +64,28 @@ def test_trainer_trains_saves_loadable_weights_and_resumes_exactly(tmp_path, tok
 
 
 def test_unsupported_settings_fail_before_training(tmp_path, tokenized, minilm_path):
-    with pytest.raises(ValueError, match="--fp16 loss scaling is not supported: use --bf16"):
-        _trainer(tmp_path, tokenized, minilm_path, fp16=True)
+    with pytest.raises(ValueError, match="use param_dtype='float16'"):
+        _trainer(tmp_path, tokenized, minilm_path, options="param_dtype=bfloat16", fp16=True)
+    with pytest.raises(ValueError, match="needs fp16 mixed precision for its loss scaling"):
+        _trainer(tmp_path, tokenized, minilm_path, options="param_dtype=float16")
     with pytest.raises(ValueError, match="--optim sgd is not supported; valid choices: adamw_torch"):
         _trainer(tmp_path, tokenized, minilm_path, optim="sgd")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 AMP (autocast + GradScaler) needs a GPU")
+def test_trainer_fp16_trains_fp16_weights_under_a_sharded_grad_scaler(tmp_path, tokenized, minilm_path):
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    trainer = _trainer(tmp_path, tokenized, minilm_path, fp16=True, save_strategy="no",
+                       options="param_dtype=float16,placement=static,offload_optim_frac=0.5")
+    trainer.train()
+    assert isinstance(trainer.accelerator.scaler, ShardedGradScaler)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    masters = _masters(trainer)
+    for name, param in trainer.model.named_parameters():
+        assert param.to_local().dtype == torch.float16
+        assert torch.equal(param.to_local().cpu(), masters[name].to(torch.float16)), name
 
 
 def test_accelerate_script_shards_and_offloads_over_two_processes():

@@ -31,14 +31,15 @@ def minilm_and_batch(device="cpu"):
 
 
 def train_offloaded(options: str, steps: int = 3, device=None, lr: float = 1e-3, hook=None,
-                    param_dtype="float32", before=None, after=None, after_step=None):
+                    param_dtype="float32", before=None, after=None, after_step=None, scaler=None):
     """Shard MiniLM with the plugin ``options`` and take ``steps`` AdamW steps on one BBC batch.
 
     ``param_dtype`` is fp32 by default here: the CPU has no fast bf16 matmul, and placement, overlap and state do
     not depend on it (the bf16 path has its own tests). Returns (losses, fp32 masters by name, optimizer);
     ``hook(step, model)`` runs after each backward; ``before(optimizer)`` / ``after(optimizer)`` before the first
     and after the last step (checkpoint loading and saving); ``after_step(optimizer)`` in place of the
-    ``zero_grad`` that follows each step."""
+    ``zero_grad`` that follows each step. With a ``scaler`` (a ``ShardedGradScaler``, for fp16 parameters) the
+    forward runs under fp16 autocast and the step goes through ``scale`` / ``unscale_`` / ``step`` / ``update``."""
     plugin = HeterogeneousMemoryPlugin.from_optim_args(f"param_dtype={param_dtype},{options}")
     model, batch, labels = minilm_and_batch()
     sharded = shard_model(model, plugin, device=device)
@@ -48,11 +49,17 @@ def train_offloaded(options: str, steps: int = 3, device=None, lr: float = 1e-3,
         before(optimizer)
     losses = []
     for step in range(steps):
-        loss = model(**batch, labels=labels.to(sharded.device)).loss
-        loss.backward()
+        with torch.autocast(sharded.device.type, dtype=torch.float16, enabled=scaler is not None):
+            loss = model(**batch, labels=labels.to(sharded.device)).loss
+        (loss if scaler is None else scaler.scale(loss)).backward()
         if hook is not None:
             hook(step, model)
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.unscale_(optimizer)
+            scaler.step(optimizer)
+            scaler.update()
         if after_step is None:
             model.zero_grad(set_to_none=True)
         else:

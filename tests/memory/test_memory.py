@@ -129,6 +129,68 @@ def test_every_parameter_is_trained_and_the_bf16_weights_follow_the_masters():
         assert not torch.equal(masters[name], initial[name]), f"{name} was not updated"
 
 
+def test_fp16_weights_train_under_loss_scaling_and_overflowing_steps_are_skipped():
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    def overflow(step, model):
+        if step == 1:
+            next(p for n, p in model.named_parameters() if "layer.5" in n).grad.to_local()[0] = float("inf")
+
+    def snapshot(optimizer):
+        optimizer.zero_grad()
+        optimizer.synchronize()
+        after_each.append({name: m.clone() for name, m in optimizer.sharded.masters.items()})
+
+    options = "placement=static,offload_optim_frac=0.5"
+    scalers = [ShardedGradScaler(device="cpu", init_scale=2.0**12) for _ in range(2)]
+    after_each = []
+    losses, skipped, optimizer = train_offloaded(options, steps=3, param_dtype="float16", hook=overflow,
+                                                 scaler=scalers[0], after_step=snapshot)
+    _, on_device, _ = train_offloaded("placement=static,offload_optim_frac=0", steps=3, param_dtype="float16",
+                                      hook=overflow, scaler=scalers[1])
+    # the overflowing step was skipped by the scaler (the optimizer never ran), left the masters as they were and
+    # halved the scale; the next step trained
+    assert scalers[0].get_scale() == 2.0**11
+    assert losses[1] == losses[2] and max_difference(after_each[0], after_each[1]) == 0.0
+    assert max_difference(after_each[1], after_each[2]) > 0
+    assert max_difference(skipped, on_device) == 0.0  # the CPU is both devices here: the same kernels
+    for name, param in optimizer.sharded.model.named_parameters():
+        assert param.to_local().dtype == torch.float16
+        assert torch.equal(param.to_local(), skipped[name].to(torch.float16)), name
+    assert all(torch.isfinite(m).all() for m in skipped.values())
+
+
+def test_mixed_precision_must_match_the_parameter_dtype():
+    HeterogeneousMemoryPlugin(param_dtype="float16").check_mixed_precision("fp16")
+    HeterogeneousMemoryPlugin(param_dtype="float32").check_mixed_precision("fp16")
+    HeterogeneousMemoryPlugin().check_mixed_precision("bf16")
+    with pytest.raises(ValueError, match="needs fp16 mixed precision for its loss scaling"):
+        HeterogeneousMemoryPlugin(param_dtype="float16").check_mixed_precision("bf16")
+    with pytest.raises(ValueError, match="use param_dtype='float16'"):
+        HeterogeneousMemoryPlugin().check_mixed_precision("fp16")
+
+
+def test_accelerate_fp16_scaler_is_replaced_by_the_sharded_one_with_its_settings():
+    from accelerate import Accelerator
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    from hf_colossal.integrations.accelerate import use_sharded_grad_scaler
+
+    accelerator = Accelerator(cpu=True)
+    use_sharded_grad_scaler(accelerator)  # no fp16 AMP on the CPU: no scaler, nothing to replace
+    assert accelerator.scaler is None
+    # what accelerate builds for mixed_precision="fp16" on a GPU
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_factor=3.0, backoff_factor=0.25,
+                                              growth_interval=7)
+    use_sharded_grad_scaler(accelerator)
+    scaler = accelerator.scaler
+    assert isinstance(scaler, ShardedGradScaler)
+    assert (scaler.get_scale(), scaler.get_growth_factor(), scaler.get_backoff_factor(),
+            scaler.get_growth_interval()) == (1024.0, 3.0, 0.25, 7)
+    use_sharded_grad_scaler(accelerator)
+    assert accelerator.scaler is scaler
+
+
 def test_nonfinite_gradients_skip_the_step_and_leave_the_state_alone():
     def poison(step, model):
         if step == 1:

@@ -31,6 +31,22 @@ def test_overlapped_cpu_steps_equal_inline_ones_and_the_on_device_step(param_dty
     assert device_losses == pytest.approx(overlapped_losses, rel=1e-3)
 
 
+def test_fp16_weights_with_loss_scaling_overlap_equals_inline():
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    cuda = torch.device("cuda", torch.cuda.current_device())
+    runs = {}
+    for name, options in (("overlapped", "placement=static,offload_optim_frac=1"),
+                          ("inline", "placement=static,offload_optim_frac=1,overlap=false"),
+                          ("on_device", "placement=static,offload_optim_frac=0")):
+        scaler = ShardedGradScaler(device="cuda", init_scale=2.0**12)
+        runs[name] = (*train_offloaded(options, device=cuda, param_dtype="float16", scaler=scaler)[:2], scaler)
+    assert runs["overlapped"][0] == runs["inline"][0]
+    assert max_difference(runs["overlapped"][1], runs["inline"][1]) == 0.0
+    assert max_difference(runs["on_device"][1], runs["overlapped"][1]) < 8e-3  # as bf16: CPU vs CUDA AdamW rounding
+    assert all(scaler.get_scale() == 2.0**12 for *_, scaler in runs.values())  # no overflow in three steps
+
+
 def test_cpu_fallback_matches_the_gpu():
     cuda = torch.device("cuda", torch.cuda.current_device())
     gpu_losses, on_gpu, _ = train_offloaded("placement=static,offload_optim_frac=0.5", device=cuda)

@@ -20,7 +20,9 @@ its metadata requires sentence-transformers, which the recipes do not use.
 from __future__ import annotations
 
 import functools
+import gzip
 import importlib
+import os
 import inspect
 import math
 import re
@@ -52,6 +54,7 @@ __all__ = [
     "kjv_texts",
     "bbc_news_split",
     "digits_arrays",
+    "fashion_mnist_arrays",
     "load_bbc_news",
     "load_digits_dataset",
     "load_embedded_dataset",
@@ -631,6 +634,49 @@ def digits_arrays(*, eval_size: float = 0.2, seed: int = 0) -> dict[str, tuple[n
     pixels = (digits.data / 16.0).astype(np.float32)
     train_idx, eval_idx = _stratified_split(digits.target, n_eval, int(seed))
     return {"train": (pixels[train_idx], digits.target[train_idx]), "eval": (pixels[eval_idx], digits.target[eval_idx])}
+
+
+#: Where Debian's ``dataset-fashion-mnist`` puts the files; ``HF_COLOSSAL_FASHION_MNIST`` names another folder.
+FASHION_MNIST_FOLDER = "/usr/share/datasets/fashion-mnist"
+_IDX_DTYPES = {0x08: np.uint8}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """An IDX file (the MNIST format: a magic number whose third byte is the element type and fourth the number
+    of dimensions, big-endian int32 sizes, then the data), gzipped or not, as a numpy array."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as file:
+        data = file.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path}: not an IDX file of unsigned bytes (magic {data[:4].hex()})")
+    dims = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(dims))
+    values = np.frombuffer(data, dtype=_IDX_DTYPES[data[2]], offset=4 + 4 * dims)
+    if values.size != math.prod(shape):
+        raise ValueError(f"{path}: header says {shape} ({math.prod(shape)} values), file holds {values.size}")
+    return values.reshape(shape)
+
+
+def fashion_mnist_arrays(folder: str | os.PathLike | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Fashion-MNIST (Xiao, Rasul, Vollgraf 2017) as ``{"train": (pixels, labels), "eval": ...}``: the 60,000
+    training and 10,000 test images, pixels float32 (n, 784) in [0, 1], labels int64.
+
+    Read from ``folder``, else ``$HF_COLOSSAL_FASHION_MNIST``, else Debian's ``dataset-fashion-mnist`` folder
+    (``apt-get install dataset-fashion-mnist``); the four ``*-idx?-ubyte.gz`` files of the original release."""
+    root = Path(folder or os.environ.get("HF_COLOSSAL_FASHION_MNIST") or FASHION_MNIST_FOLDER)
+    arrays = {}
+    for split, prefix in (("train", "train"), ("eval", "t10k")):
+        images, labels = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
+        missing = [str(p) for p in (images, labels) if not p.exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"Fashion-MNIST not found: {', '.join(missing)}. Install Debian's dataset-fashion-mnist "
+                f"(apt-get install dataset-fashion-mnist, files in {FASHION_MNIST_FOLDER}) or point "
+                f"HF_COLOSSAL_FASHION_MNIST at a folder with the four *-idx?-ubyte.gz files.")
+        pixels = read_idx(images)
+        arrays[split] = ((pixels.reshape(len(pixels), -1) / np.float32(255)).astype(np.float32),
+                         read_idx(labels).astype(np.int64))
+    return arrays
 
 
 def load_digits_dataset(*, eval_size: float = 0.2, seed: int = 0) -> datasets.DatasetDict:

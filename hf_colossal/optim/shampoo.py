@@ -353,9 +353,8 @@ def qr_inverse_root(factors: Tensor, bases: Tensor, *, root: int, eps: float) ->
 
     Cost per factor: three fp32 matrix products and one float64 product, Cholesky factorisation and triangular
     solve: on an H100, 27 factors of 1024 x 1024 take 11.8 ms, where 20 Newton iterations (80 products) take
-    about 100 ms. The roots are approximate
-    where the factor moved fast since the last refresh; each later refresh moves the basis closer.
-    Returns the roots, the new bases and a bool per block (finite, QR succeeded).
+    about 100 ms. The roots are approximate where the factor moved fast since the last refresh; each later
+    refresh moves the basis closer. Returns the roots, the new bases and a bool per block (finite, QR succeeded).
     """
     vectors, _, ok = refresh_eigenbasis(factors, bases)
     values = (vectors * (factors @ vectors)).sum(dim=-2)
@@ -763,8 +762,9 @@ class Shampoo(_KroneckerOptimizer):
     grafting), ``factor_left``, ``factor_right``, ``root_left``, ``root_right`` (identity until computed),
     ``basis_left``, ``basis_right`` (``root_inverse="qr"``: the eigenbases the next refresh starts from) and
     ``preconditioner_failures`` (int64: recomputations whose eigendecomposition raised, whose Newton iteration
-    diverged, or that gave non-finite values, which kept the previous root); ``step`` (float32 CPU scalar). Parameters on the diagonal path hold ``exp_avg``
-    (and ``exp_avg_sq``) shaped like the parameter.
+    diverged, whose QR refresh's Cholesky factorisation failed, or that gave non-finite values; each kept the
+    previous root); ``step`` (float32 CPU scalar). Parameters on the diagonal path hold ``exp_avg`` (and
+    ``exp_avg_sq``) shaped like the parameter.
     """
 
     name = "Shampoo"

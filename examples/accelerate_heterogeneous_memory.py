@@ -4,6 +4,8 @@ runs on.
 
     accelerate launch --mixed_precision bf16 examples/accelerate_heterogeneous_memory.py \\
         --options placement=auto                                  # GPU(s)
+    accelerate launch --mixed_precision fp16 examples/accelerate_heterogeneous_memory.py \\
+        --options param_dtype=float16,placement=auto              # fp16 weights, loss scaling
     accelerate launch --cpu --num_processes 2 examples/accelerate_heterogeneous_memory.py \\
         --options param_dtype=float32,placement=static,offload_optim_frac=0.5 --steps 6   # CPU check
 

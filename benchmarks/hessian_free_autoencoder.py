@@ -48,6 +48,8 @@ RESULTS = Path(__file__).parent / "results"
 
 def parse_hf_options(text):
     """``k=v,...`` optim_args of optim="hessian_free", validated by its config; only the keys given."""
+    if not text:
+        return {}
     config = HessianFreeConfig.from_optim_args(text)
     return {key.strip(): getattr(config, key.strip()) for key, _ in (pair.split("=", 1) for pair in text.split(","))}
 

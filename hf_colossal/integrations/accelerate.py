@@ -186,8 +186,9 @@ def _keep_sharded_models_out_of_ddp(accelerator) -> None:
 def use_sharded_grad_scaler(accelerator) -> None:
     """Give ``accelerator`` torch's ``ShardedGradScaler`` in place of its fp16 ``GradScaler``, with the same settings.
 
-    The plain scaler refuses fp16 gradients ("Attempting to unscale FP16 gradients"); the sharded one unscales them
-    in place and all-reduces the inf/NaN flag, so every rank skips the same steps and keeps the same scale. Call
+    The plain scaler refuses fp16 gradients ("Attempting to unscale FP16 gradients") and checks only this rank's
+    gradient shards; the sharded one unscales fp16 gradients in place and all-reduces the inf/NaN flag, so every
+    rank skips the same steps and keeps the same scale (fp32 parameters under fp16 AMP need that too). Call
     before ``accelerator.prepare`` (the prepared optimizer holds the scaler). No scaler (no fp16 AMP, e.g. on the
     CPU): nothing to replace."""
     from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
@@ -204,8 +205,9 @@ def use_sharded_grad_scaler(accelerator) -> None:
 def enable_heterogeneous_memory(accelerator, model, plugin=None, *, optimizer: str = "adamw",
                                 param_groups: Any = None, **hyperparameters: Any):
     """Shard ``model`` with FSDP2 (``plugin.param_dtype`` shards) and build its
-    :class:`~hf_colossal.memory.HeterogeneousOptimizer`. With fp16 parameters (and ``mixed_precision="fp16"``) the
-    accelerator's scaler becomes a ``ShardedGradScaler`` (:func:`use_sharded_grad_scaler`).
+    :class:`~hf_colossal.memory.HeterogeneousOptimizer`. Under ``mixed_precision="fp16"`` the accelerator's scaler
+    becomes a ``ShardedGradScaler`` (:func:`use_sharded_grad_scaler`): FSDP2 shards each gradient, so only an
+    all-reduced overflow flag makes every rank skip the same steps.
 
     Call after building the Accelerator and before ``accelerator.prepare``; pass the returned model and optimizer
     to ``prepare`` (with the dataloaders and scheduler as usual)::
@@ -225,8 +227,8 @@ def enable_heterogeneous_memory(accelerator, model, plugin=None, *, optimizer: s
                          f"--use_fsdp / --use_deepspeed (this accelerator uses {accelerator.distributed_type})")
     plugin = plugin or HeterogeneousMemoryPlugin()
     plugin.check_mixed_precision(accelerator.mixed_precision)
-    if plugin.param_dtype == "float16":
-        use_sharded_grad_scaler(accelerator)
+    use_sharded_grad_scaler(accelerator)
+    plugin.check_loss_scaler(accelerator.scaler)
     sharded = shard_model(model, plugin, device=accelerator.device)
     params = param_groups(model) if callable(param_groups) else model.parameters()
     built = HeterogeneousOptimizer(params, sharded, plugin, base=optimizer, **hyperparameters)

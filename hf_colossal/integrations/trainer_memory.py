@@ -5,8 +5,8 @@ What Trainer would do and why each is replaced (``shared/notes/hf-integration.md
 - ``__init__`` shards the model (FSDP2, bf16 / fp16 / fp32 shards, fp32 masters set aside) before Trainer moves it
   to the device; ``_move_model_to_device`` is skipped for it (``.to()`` on FSDP2 parameters raises); ``--fp16`` /
   ``--bf16`` must go with the plugin's ``param_dtype`` (``check_mixed_precision``);
-- with fp16 weights, accelerate's ``GradScaler`` becomes torch's ``ShardedGradScaler`` (it unscales fp16
-  gradients; the plain one refuses them);
+- under ``--fp16``, accelerate's ``GradScaler`` becomes torch's ``ShardedGradScaler`` (it unscales fp16
+  gradients, which the plain one refuses, and all-reduces the overflow flag across the ranks' shards);
 - ``create_accelerator_and_postprocess``: accelerate would refuse DTensor parameters under DDP; the prepared model
   gets accelerate's mixed-precision forward only;
 - ``create_optimizer`` builds :class:`~hf_colossal.memory.HeterogeneousOptimizer` with Trainer's decay / no-decay
@@ -95,8 +95,8 @@ class HeterogeneousMemoryTrainerMixin:
         super().create_accelerator_and_postprocess()  # type: ignore[misc]
         if self.heterogeneous_memory is not None:
             _keep_sharded_models_out_of_ddp(self.accelerator)
-            if self.heterogeneous_memory.param_dtype == "float16":
-                use_sharded_grad_scaler(self.accelerator)
+            use_sharded_grad_scaler(self.accelerator)
+            self.heterogeneous_memory.check_loss_scaler(self.accelerator.scaler)
 
     def create_optimizer(self, model: Any = None):
         sharded = self._sharded

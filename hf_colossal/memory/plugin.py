@@ -84,3 +84,11 @@ class HeterogeneousMemoryPlugin(OptionsConfig):
             raise ValueError("fp16 mixed precision with HeterogeneousMemoryPlugin(param_dtype='bfloat16') would cast "
                              "the bf16 weights to fp16 for every product: use param_dtype='float16' (fp16 weights, "
                              "fp32 masters) or 'float32', or bf16 mixed precision.")
+
+    def check_loss_scaler(self, scaler: object) -> None:
+        """Refuse fp16 parameters without a loss scaler (accelerate builds none without a GPU: fp16 mixed precision
+        on the CPU has neither autocast nor a ``GradScaler``)."""
+        if self.param_dtype == "float16" and scaler is None:
+            raise ValueError("HeterogeneousMemoryPlugin(param_dtype='float16') needs a loss scaler, and this "
+                             "accelerator has none (fp16 mixed precision without a GPU has no GradScaler): use "
+                             "param_dtype='float32' or 'bfloat16' on the CPU.")

@@ -487,6 +487,9 @@ class _KroneckerOptimizer(Optimizer):
     def _diagonal_grafting(self, group: dict[str, Any]) -> str:
         raise NotImplementedError
 
+    def _complete_state(self, param: Tensor, group: dict[str, Any]) -> None:
+        """Add state a group's settings need but an existing state lacks (settings changed after state was made)."""
+
     def _accumulate(self, bucket: BlockBucket, grads: Tensor, group: dict[str, Any]) -> None:
         raise NotImplementedError
 
@@ -571,6 +574,8 @@ class _KroneckerOptimizer(Optimizer):
             for param in params:
                 if not self.state[param]:
                     self._init_state(param, group)
+                else:
+                    self._complete_state(param, group)
                 step = int(self.state[param]["step"])
                 matrix = matrix_shape(tuple(param.shape), max_dim)
                 if matrix is None:
@@ -582,9 +587,17 @@ class _KroneckerOptimizer(Optimizer):
                 keys = tuple(self.state[entries[0][0]].keys() - {"step"})
                 buckets.append(BlockBucket(group_index, step, shape, entries, self.state, tuple(sorted(keys))))
             diagonals += [DiagonalParams(group_index, step, params) for step, params in by_step.items()]
-        key = tuple(tuple(id(p) for p in params) for params, _ in params_and_grads)
         steps = [self.state[p]["step"] for params, _ in params_and_grads for p in params]
-        self._plan = (key, buckets, diagonals, steps)
+        self._plan = (self._plan_key(params_and_grads), buckets, diagonals, steps)
+
+    def _plan_key(self, params_and_grads: list[tuple[list[Tensor], list[Tensor]]]) -> tuple:
+        """What the buckets depend on: the parameters with gradients, per group, and each group's state layout."""
+        return (tuple(tuple(id(p) for p in params) for params, _ in params_and_grads),
+                tuple(self._state_layout(group) for group in self.param_groups))
+
+    def _state_layout(self, group: dict[str, Any]) -> Any:
+        """The group settings that decide which per-block state keys exist (None: no such setting)."""
+        return None
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -597,8 +610,7 @@ class _KroneckerOptimizer(Optimizer):
             grad_norms = [foreach_norms(grads) for _, grads in params_and_grads]
             if not nonfinite_policy_allows_step(self.name, self.param_groups, grad_norms):
                 return loss
-        key = tuple(tuple(id(p) for p in params) for params, _ in params_and_grads)
-        if self._plan is None or self._plan[0] != key:
+        if self._plan is None or self._plan[0] != self._plan_key(params_and_grads):
             self._build_plan(params_and_grads)
         _, buckets, diagonals, steps = self._plan
         torch._foreach_add_(steps, 1.0)
@@ -749,7 +761,8 @@ class Shampoo(_KroneckerOptimizer):
             product. The root computations always run in true fp32 (or fp64).
         root_inverse: ``"qr"`` (default: an eigendecomposition at the first recomputation, then one warm-started
             power-iteration + QR step from the block's previous eigenbasis per recomputation,
-            :func:`qr_inverse_root`; ridge at least ``1e-6 * ||A||_F``), ``"newton"`` (the coupled Newton
+            :func:`qr_inverse_root`; ridge at least ``1e-6 * ||A||_F``; a block whose first eigendecomposition
+            fails is counted and starts its refreshes from the identity), ``"newton"`` (the coupled Newton
             iteration of :func:`newton_inverse_root`, exact to fp32 at any recomputation, about 7x the GPU time of
             ``"qr"``) or ``"eigh"`` (a full eigendecomposition each time, :func:`inverse_root`, slower still).
         newton_iterations: the Newton path's fixed iteration count (20 converges to fp32 accuracy).
@@ -843,6 +856,24 @@ class Shampoo(_KroneckerOptimizer):
 
     def _diagonal_grafting(self, group):
         return "sgd" if group["grafting"] == "none" else group["grafting"]
+
+    def _state_layout(self, group):
+        return group.get("root_inverse", "eigh") == "qr"
+
+    def _complete_state(self, param, group):
+        """A group switched to ``root_inverse="qr"`` after its state was made (by editing the param group: a loaded
+        checkpoint brings its own setting back): start each block's eigenbasis from an eigendecomposition of its
+        current factors (the identity where that fails)."""
+        state = self.state[param]
+        if group.get("root_inverse", "eigh") != "qr" or "factor_left" not in state or "basis_left" in state:
+            return
+        for side in ("left", "right"):
+            bases = []
+            for factor in state[f"factor_{side}"]:
+                vectors = symmetric_eigh(factor[None])[1][0]
+                identity = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
+                bases.append(vectors if bool(vectors.isfinite().all()) else identity)
+            state[f"basis_{side}"] = bases
 
     @staticmethod
     def _start(group: dict[str, Any]) -> int:

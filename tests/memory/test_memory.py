@@ -168,6 +168,10 @@ def test_mixed_precision_must_match_the_parameter_dtype():
         HeterogeneousMemoryPlugin(param_dtype="float16").check_mixed_precision("bf16")
     with pytest.raises(ValueError, match="use param_dtype='float16'"):
         HeterogeneousMemoryPlugin().check_mixed_precision("fp16")
+    HeterogeneousMemoryPlugin(param_dtype="float16").check_loss_scaler(torch.amp.GradScaler("cpu"))
+    HeterogeneousMemoryPlugin().check_loss_scaler(None)
+    with pytest.raises(ValueError, match="needs a loss scaler, and this accelerator has none"):
+        HeterogeneousMemoryPlugin(param_dtype="float16").check_loss_scaler(None)
 
 
 def test_accelerate_fp16_scaler_is_replaced_by_the_sharded_one_with_its_settings():

@@ -587,6 +587,41 @@ def test_shampoo_qr_starts_exact_then_tracks_the_reference():
         torch.testing.assert_close(basis.mT @ basis, torch.eye(basis.shape[0], dtype=basis.dtype), atol=1e-10, rtol=0)
 
 
+def test_shampoo_qr_refreshes_move_the_basis_toward_the_exact_root():
+    """Recomputations at steps 3 (eigendecomposition), 6 and 9 (QR refreshes): the last roots are closer to the
+    exact roots of the final factors than roots taken in the basis of step 3 would be."""
+    from hf_colossal.optim.shampoo import RELATIVE_RIDGE, inverse_root, root_from_eigenpairs
+
+    hp = {**SHAMPOO_BASE, "root_inverse": "qr", "preconditioner_eps": 1e-4}
+    params, grads = make_problem()
+    tensors, optimizer = run(Shampoo, params, grads[:3], hp, dtype=torch.float32)
+    state = optimizer.state[tensors["w1"]]
+    first_bases = [basis.clone() for basis in state["basis_left"]]
+    _train(Shampoo, hp, grads[3:], tensors, optimizer)
+    for block, (factor, root, first, last) in enumerate(zip(state["factor_left"], state["root_left"], first_bases,
+                                                            state["basis_left"])):
+        ridge = max(1e-4, RELATIVE_RIDGE * float(torch.linalg.matrix_norm(factor)))
+        exact = inverse_root(factor[None], root=4, eps=ridge)[0][0]
+        stale = root_from_eigenpairs(factor[None], (first * (factor @ first)).sum(dim=-2)[None], first[None], root=4,
+                                     eps=1e-4)[0]
+        error, stale_error = (float(torch.linalg.matrix_norm(r - exact) / torch.linalg.matrix_norm(exact))
+                              for r in (root, stale))
+        assert not torch.equal(last, first), block
+        assert error < 0.75 * stale_error and error < 0.05, (block, error, stale_error)
+
+
+def test_switching_a_group_to_qr_starts_its_bases_from_eigendecompositions():
+    hp = {**SHAMPOO_BASE, "root_inverse": "newton"}
+    params, grads = make_problem()
+    tensors, optimizer = run(Shampoo, params, grads[:4], hp, dtype=torch.float32)
+    optimizer.param_groups[0]["root_inverse"] = "qr"
+    _train(Shampoo, hp, grads[4:], tensors, optimizer)
+    state = optimizer.state[tensors["w1"]]
+    assert optimizer.preconditioner_failures() == 0 and len(state["basis_right"]) == 4
+    for basis in state["basis_left"] + state["basis_right"]:
+        torch.testing.assert_close(basis.mT @ basis, torch.eye(basis.shape[0], dtype=basis.dtype), atol=1e-10, rtol=0)
+
+
 @pytest.mark.parametrize("case", ["adam", "none", "l2_decay_start_1"])
 def test_shampoo_eigh_and_newton_both_match_the_reference(case):
     hp = {**SHAMPOO_BASE, **SHAMPOO_CASES[case]}

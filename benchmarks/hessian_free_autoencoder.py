@@ -46,14 +46,6 @@ HF_OPTIONS = "damping=1e-3,curvature_batch_fraction=0.1,cg_max_iters=40,min_damp
 RESULTS = Path(__file__).parent / "results"
 
 
-def parse_hf_options(text):
-    """``k=v,...`` optim_args of optim="hessian_free", validated by its config; only the keys given."""
-    if not text:
-        return {}
-    config = HessianFreeConfig.from_optim_args(text)
-    return {key.strip(): getattr(config, key.strip()) for key, _ in (pair.split("=", 1) for pair in text.split(","))}
-
-
 def error(model, x):
     with torch.no_grad():
         return float(DeepAutoencoder.squared_error(model.reconstruct_logits(x), x))
@@ -181,14 +173,14 @@ def main():
     sizes = SIZES[cli.data]
     check_every = cli.check_every or (25 if device.type == "cuda" else 1)
     every = cli.budget / 15
-    hf_options = parse_hf_options(cli.hf_options)
+    hf_options = HessianFreeConfig.from_optim_args(cli.hf_options).optimizer_kwargs()
     runs = [run_hessian_free(x, sizes, cli.budget, hf_options, every, cli.seed)]
     print(f"hessian_free: final error {runs[0]['curve'][-1]['error']:.4f} after {runs[0]['steps']} steps", flush=True)
     for lr in (float(v) for v in cli.lrs.split(",")):
         runs.append(run_adamw(x, sizes, lr, cli.budget, cli.batch_size, every, cli.seed, check_every))
         print(f"adamw lr={lr:g}: final error {runs[-1]['curve'][-1]['error']:.4f} after {runs[-1]['steps']} steps",
               flush=True)
-    primitives = time_primitives(x, sizes, hf_options.get("curvature_batch_fraction", 1.0))
+    primitives = time_primitives(x, sizes, hf_options["curvature_batch_fraction"])
     hf, adams = runs[0], runs[1:]
     best_adam = min(adams, key=lambda r: r["curve"][-1]["error"])
     verdict = hf["curve"][-1]["error"] < best_adam["curve"][-1]["error"]

@@ -25,7 +25,7 @@ import torch
 from hf_colossal.optim._precision import fp32_matmul_precision
 from hf_colossal.optim.kfac import damped_inverses
 from hf_colossal.optim.shampoo import (
-    RELATIVE_RIDGE, cholesky_qr, inverse_root, newton_inverse_root, qr_inverse_root, refresh_eigenbasis)
+    cholesky_qr, inverse_root, newton_inverse_root, qr_inverse_root, refresh_eigenbasis, root_from_eigenpairs)
 
 
 DEVICE = "cuda"
@@ -67,9 +67,8 @@ def factor_stream(batch, dim, periods, drift, generator):
 
 def exact_root(factors):
     """float64 eigendecomposition root with the ridge of the Newton and QR paths (max(1e-12, 1e-6 ||A||_F))."""
-    values, vectors = torch.linalg.eigh(factors.double())
-    ridges = (RELATIVE_RIDGE * torch.linalg.matrix_norm(factors.double())).clamp_min(1e-12)
-    return (vectors * (values.clamp_min(0) + ridges[:, None]).pow(-0.25).unsqueeze(-2)) @ vectors.mT
+    factors = factors.double()
+    return root_from_eigenpairs(factors, *torch.linalg.eigh(factors), root=4, eps=1e-12)
 
 
 def direction_error(roots, reference, generator):

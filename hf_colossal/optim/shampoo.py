@@ -870,9 +870,9 @@ class Shampoo(_KroneckerOptimizer):
         for side in ("left", "right"):
             bases = []
             for factor in state[f"factor_{side}"]:
-                vectors = symmetric_eigh(factor[None])[1][0]
-                identity = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
-                bases.append(vectors if bool(vectors.isfinite().all()) else identity)
+                basis = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
+                _keep_previous(basis[None], *eigenbasis(factor[None]))
+                bases.append(basis)
             state[f"basis_{side}"] = bases
 
     @staticmethod

@@ -18,11 +18,16 @@ optimizers forced onto the torch._foreach_* path (fused=False).
 Shampoo / SOAP (names ending in _f10 / _f100: preconditioners recomputed every 10 / 100 steps, blocks of 1024):
 ours ("shampoo_*", "soap_*"; suffixes "_bf16" / "_fp32" = matmul_dtype=bfloat16 / float32 instead of the default
 tfloat32, "_eigh" / "_newton" = root_inverse=eigh / newton instead of the default qr, "_rtf32" = SOAP's
-rotation_dtype=tfloat32, e.g. "shampoo_f10_eigh_fp32"), pytorch-optimizer's SOAP ("po_soap") and Meta's
+rotation_dtype=tfloat32, "_apply" = nonfinite=apply (no non-finite check), e.g. "shampoo_f10_eigh_fp32"), pytorch-optimizer's SOAP ("po_soap") and Meta's
 distributed_shampoo ("meta_*", imported from the folder in $HF_COLOSSAL_PEERS, e.g. a checkout's root, with the
 settings of ../shared/bench/anchor_steps.py). Their timing starts after the first preconditioned step (warm-up
 f + 5 steps) and runs over a whole number of recompute periods (60 steps for f10, 200 for f100), so the reported
 means are amortized steady-state steps; compare "step ms mean" (and its ratio to AdamW's) for them.
+
+"opt host ms" is the host's wall time of ``step()`` + ``zero_grad()``: near "opt ms", the step is bound by the
+host (kernel launches, host synchronisations) rather than by the GPU. ``--profile DIR`` runs one more recompute
+period (10 steps for the others) under ``torch.profiler`` and writes ``DIR/<name>_profile.txt``: the ops by
+total GPU time and by host time.
 
 K-FAC ("kfac_f10": ours, factors and inverses every 10 steps, lm_head left to the base rule; "kfac_pytorch_f10":
 kfac-pytorch's KAISA preconditioner before torch SGD, the anchors' settings) takes its statistics in forward and
@@ -47,7 +52,7 @@ BYTES_PER_PARAM = {"adamw_fused": 28, "lamb": 28, "lamb_apply": 28, "lamb_foreac
 
 
 SUFFIX_OPTIONS = {"bf16": "matmul_dtype=bfloat16", "fp32": "matmul_dtype=float32", "eigh": "root_inverse=eigh",
-                  "newton": "root_inverse=newton", "rtf32": "rotation_dtype=tfloat32"}
+                  "newton": "root_inverse=newton", "rtf32": "rotation_dtype=tfloat32", "apply": "nonfinite=apply"}
 
 
 def is_second_order(name):
@@ -159,7 +164,24 @@ def make_model(kind):
     return BertForMaskedLM(config), config.vocab_size
 
 
-def one(name, kind, steps=60, warm=5):
+def profile_steps(run_step, steps, path):
+    """Run ``steps`` more steps under ``torch.profiler`` and write the ops by total GPU time and by host time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            run_step()
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    with open(path, "w") as out:
+        out.write(f"{steps} steps\n\nby total GPU time\n")
+        out.write(averages.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
+        out.write("\n\nby self host time\n")
+        out.write(averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
+
+
+def one(name, kind, steps=60, warm=5, profile_dir=None):
     import torch
 
     frequency = recompute_frequency(name)
@@ -174,27 +196,39 @@ def one(name, kind, steps=60, warm=5):
     opt = build(name, model)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    step_ms, opt_ms = [], []
-    for i in range(warm + steps):
-        x = data[i % 4]
+    step_ms, opt_ms, opt_host_ms = [], [], []
+
+    def run_step(x):
         start, mid, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
         start.record()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(input_ids=x, labels=x).loss
         loss.backward()
         mid.record()
+        host_start = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        host_ms = (time.perf_counter() - host_start) * 1e3
         end.record()
+        return loss, start, mid, end, host_ms
+
+    for i in range(warm + steps):
+        loss, start, mid, end, host_ms = run_step(data[i % 4])
         torch.cuda.synchronize()
         if i >= warm:
             step_ms.append(start.elapsed_time(end))
             opt_ms.append(mid.elapsed_time(end))
+            opt_host_ms.append(host_ms)
+    if profile_dir:
+        batches = iter(range(warm + steps, 10**9))
+        profile_steps(lambda: run_step(data[next(batches) % 4]), frequency or 10,
+                      os.path.join(profile_dir, f"{name}_profile.txt"))
     median = sorted(step_ms)[len(step_ms) // 2]
     return dict(name=name, model=kind, params_M=round(n_params / 1e6, 1), step_ms_median=round(median, 2),
                 step_ms_mean=round(sum(step_ms) / len(step_ms), 2),
                 opt_ms_mean=round(sum(opt_ms) / len(opt_ms), 3),
                 opt_ms_median=round(sorted(opt_ms)[len(opt_ms) // 2], 3),
+                opt_host_ms_mean=round(sum(opt_host_ms) / len(opt_host_ms), 3),
                 peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2), final_loss=round(loss.item(), 3))
 
 
@@ -220,6 +254,7 @@ def main():
     parser.add_argument("--model", default="llama271m", choices=["llama271m", "bert_base"])
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--fused-config", help="BLOCK,ITERS,NUM_WARPS of the fused Triton kernels (tuning)")
+    parser.add_argument("--profile", metavar="DIR", help="write DIR/<name>_profile.txt (torch.profiler tables)")
     parser.add_argument("names", nargs="*", default=NAMES)
     ns = parser.parse_args()
     if ns.one:
@@ -227,7 +262,7 @@ def main():
             from hf_colossal.optim import _triton
 
             _triton.BLOCK, _triton.ITERS, _triton.NUM_WARPS = (int(v) for v in ns.fused_config.split(","))
-        print("RESULT " + json.dumps(one(ns.one, ns.model)), flush=True)
+        print("RESULT " + json.dumps(one(ns.one, ns.model, profile_dir=ns.profile)), flush=True)
         return
     import torch
     import transformers
@@ -239,6 +274,7 @@ def main():
     for name in ns.names:
         started = time.time()
         config = ["--fused-config", ns.fused_config] if ns.fused_config else []
+        config += ["--profile", ns.profile] if ns.profile else []
         out = subprocess.run([sys.executable, __file__, "--model", ns.model, "--one", name, *config],
                              capture_output=True, text=True, timeout=600)
         line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
@@ -248,9 +284,9 @@ def main():
         rows[name] = json.loads(line[0][7:])
         rows[name]["wall_s"] = round(time.time() - started, 1)
         print(json.dumps(rows[name]), flush=True)
-    print("\n| optimizer | step ms median | step ms mean | step mean / AdamW's | opt ms mean | opt / baseline |"
-          " achieved / copy bandwidth | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| optimizer | step ms median | step ms mean | step mean / AdamW's | opt ms mean | opt host ms mean |"
+          " opt / baseline | achieved / copy bandwidth | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     adamw = rows.get("adamw_fused")
     for name, r in rows.items():
         bytes_per_param = BYTES_PER_PARAM.get(name, 28)
@@ -259,7 +295,7 @@ def main():
         step_ratio = r["step_ms_mean"] / adamw["step_ms_mean"] if adamw else float("nan")
         achieved = bytes_per_param * r["params_M"] * 1e6 / (r["opt_ms_mean"] / 1e3) / 1e12
         print(f"| {name} | {r['step_ms_median']} | {r['step_ms_mean']} | {step_ratio:.2f} | {r['opt_ms_mean']} |"
-              f" {ratio:.2f} | {achieved / bandwidth:.2f} | {r['peak_GiB']} |")
+              f" {r['opt_host_ms_mean']} | {ratio:.2f} | {achieved / bandwidth:.2f} | {r['peak_GiB']} |")
 
 
 if __name__ == "__main__":

@@ -96,17 +96,38 @@ class BlockBucket:
             self.stacks[key] = stack
         #: Views of the parameters' blocks, through which the update is written (the parameters' storage is fixed).
         self.param_blocks = [param.view(matrix)[rows, cols] for param, matrix, _, (rows, cols) in entries]
+        #: Which blocks are contiguous views (whole rows of their parameter): a multi-tensor kernel reads or writes
+        #: them all at once; the others (column blocks) take one copy each.
+        self._dense = [i for i, view in enumerate(self.param_blocks) if view.is_contiguous()]
+        self._strided = [i for i, view in enumerate(self.param_blocks) if not view.is_contiguous()]
         first = entries[0][0]
         self.math_dtype = torch.float32 if first.dtype in (torch.float16, torch.bfloat16) else first.dtype
         self._gathered = torch.empty((len(entries), *shape), dtype=self.math_dtype, device=first.device)
+        self._gathered_blocks = self._gathered.unbind(0)
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def gather_grads(self) -> Tensor:
-        """The gradient of every block, stacked into the persistent ``(n, rows, cols)`` buffer in the math dtype
-        (one ``torch.stack`` per bucket)."""
+        """The gradient of every block, copied into the persistent ``(n, rows, cols)`` buffer in the math dtype:
+        one multi-tensor copy for the blocks whose gradient views are contiguous, one copy for each other block."""
         views = [param.grad.reshape(matrix)[rows, cols] for param, matrix, _, (rows, cols) in self.entries]
-        if views[0].dtype == self.math_dtype:
-            return torch.stack(views, out=self._gathered)
-        return self._gathered.copy_(torch.stack(views))
+        dense = [i for i, view in enumerate(views) if view.is_contiguous()]
+        if dense:
+            torch._foreach_copy_([self._gathered_blocks[i] for i in dense], [views[i] for i in dense])
+        if len(dense) < len(views):
+            dense_set = set(dense)
+            for i, view in enumerate(views):
+                if i not in dense_set:
+                    self._gathered_blocks[i].copy_(view)
+        return self._gathered
+
+    def add_to_params(self, updates: Tensor, alpha: float) -> None:
+        """``block_i += alpha * updates[i]`` for every parameter block: one multi-tensor kernel for the contiguous
+        blocks, one ``add_`` for each other block."""
+        rows = updates.unbind(0)
+        if self._dense:
+            torch._foreach_add_([self.param_blocks[i] for i in self._dense], [rows[i] for i in self._dense],
+                                alpha=alpha)
+        for i in self._strided:
+            self.param_blocks[i].add_(rows[i], alpha=alpha)

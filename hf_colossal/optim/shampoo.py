@@ -442,7 +442,7 @@ class _KroneckerOptimizer(Optimizer):
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         self._check_hyperparameters(defaults, self.name)
         super().__init__(params, defaults)
-        self._plan: tuple[Any, list[BlockBucket], list[DiagonalParams], list[Tensor]] | None = None
+        self._plan: tuple[Any, list[BlockBucket], list[DiagonalParams], Tensor] | None = None
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -493,10 +493,19 @@ class _KroneckerOptimizer(Optimizer):
     def _accumulate(self, bucket: BlockBucket, grads: Tensor, group: dict[str, Any]) -> None:
         raise NotImplementedError
 
-    def _candidates(self, bucket: BlockBucket, group: dict[str, Any], blocks: slice) -> tuple[Tensor, ...]:
+    def _refresh_job(self, bucket: BlockBucket, group: dict[str, Any], side: str,
+                     blocks: slice) -> tuple[tuple, tuple[Tensor, ...]]:
+        """What recomputing one side's preconditioners of ``blocks`` takes: a key naming the computation and its
+        settings, and the stacked inputs. Jobs with equal keys and input shapes run as one batch (:meth:`_recompute`)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _refresh(key: tuple, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """Run the computation ``key`` names on stacked inputs; every result has the blocks along dim 0."""
         raise NotImplementedError
 
     def _accept(self, bucket: BlockBucket, group: dict[str, Any], blocks: slice, results: tuple[Tensor, ...]) -> None:
+        """Take the recomputed ``blocks``: ``results`` is the left side's ``_refresh`` results, then the right's."""
         raise NotImplementedError
 
     def _recompute_selection(self, bucket: BlockBucket, group: dict[str, Any]) -> range | None:
@@ -587,7 +596,11 @@ class _KroneckerOptimizer(Optimizer):
                 keys = tuple(self.state[entries[0][0]].keys() - {"step"})
                 buckets.append(BlockBucket(group_index, step, shape, entries, self.state, tuple(sorted(keys))))
             diagonals += [DiagonalParams(group_index, step, params) for step, params in by_step.items()]
-        steps = [self.state[p]["step"] for params, _ in params_and_grads for p in params]
+        # Every step count of the parameters with gradients becomes a view of one CPU tensor: one add per step.
+        params = [p for params, _ in params_and_grads for p in params]
+        steps = torch.stack([self.state[p]["step"] for p in params])
+        for param, step in zip(params, steps):
+            self.state[param]["step"] = step
         self._plan = (self._plan_key(params_and_grads), buckets, diagonals, steps)
 
     def _plan_key(self, params_and_grads: list[tuple[list[Tensor], list[Tensor]]]) -> tuple:
@@ -613,7 +626,7 @@ class _KroneckerOptimizer(Optimizer):
         if self._plan is None or self._plan[0] != self._plan_key(params_and_grads):
             self._build_plan(params_and_grads)
         _, buckets, diagonals, steps = self._plan
-        torch._foreach_add_(steps, 1.0)
+        steps.add_(1.0)
 
         for group, (params, _) in zip(self.param_groups, params_and_grads):
             if params and self._decoupled(group) and group["weight_decay"] != 0 and group["lr"] != 0:
@@ -641,7 +654,7 @@ class _KroneckerOptimizer(Optimizer):
             group = self.param_groups[bucket.group_index]
             direction = self._direction(bucket, grads, group)
             step_size = group["lr"] / self._bias_correction1(group, bucket.step)
-            torch._foreach_add_(bucket.param_blocks, list(direction.unbind(0)), alpha=-step_size)
+            bucket.add_to_params(direction, alpha=-step_size)
 
         for diagonal in diagonals:
             diagonal.step += 1
@@ -672,38 +685,56 @@ class _KroneckerOptimizer(Optimizer):
         torch._foreach_add_(params, directions, alpha=-group["lr"] / self._bias_correction1(group, step))
 
     def _recompute(self, due: list[tuple[BlockBucket, range]]) -> None:
-        """Recompute the due blocks' preconditioners. Under ``torch.distributed``, each rank computes an equal
-        share of every bucket's due blocks (Shi et al. 2023, Sec. 4) and one ``all_reduce`` (per dtype) of the
-        zero-padded results gives every rank all of them."""
+        """Recompute the due blocks' preconditioners.
+
+        Every side of every due block becomes a job (:meth:`_refresh_job`); jobs of equal key and input shapes,
+        across buckets and sides, are concatenated and computed in one batch (a batched factorisation costs
+        nearly the same for 5 matrices as for 50). Under ``torch.distributed`` each rank computes an equal share
+        of every batch (Shi et al. 2023, Sec. 4) and one ``all_reduce`` (per dtype) of the zero-padded results
+        gives every rank all of them."""
         rank, world_size = _rank_and_world_size()
-        results: list[tuple[Tensor, ...]] = []
+        jobs = []  # (bucket, selection, inputs)
+        batches: dict[tuple, list[int]] = {}
         for bucket, selection in due:
             group = self.param_groups[bucket.group_index]
-            share = -(-len(selection) // world_size)
-            owned = selection[rank * share:(rank + 1) * share]
+            for side in ("left", "right"):
+                key, inputs = self._refresh_job(bucket, group, side, _as_slice(selection))
+                shapes = tuple((tuple(t.shape[1:]), t.dtype) for t in inputs)
+                batches.setdefault((key, shapes), []).append(len(jobs))
+                jobs.append((bucket, selection, inputs))
+        computed = []
+        for (key, _), members in batches.items():
+            inputs = [parts[0] if len(parts) == 1 else torch.cat(parts) for parts in zip(*(jobs[j][2] for j in members))]
+            rows = inputs[0].shape[0]
+            share = -(-rows // world_size)
+            owned = slice(min(rank * share, rows), min((rank + 1) * share, rows))
             # Roots, eigenbases and their products in true fp32 (or fp64), whatever the global TF32 setting.
             with fp32_matmul_precision("ieee"):
-                computed = self._candidates(bucket, group, _as_slice(owned))
-            if world_size == 1:
-                results.append(computed)
-                continue
-            start = min(rank * share, len(selection))
-            padded = []
-            for tensor in computed:
-                full = torch.zeros((len(selection), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-                full[start:start + tensor.shape[0]] = tensor
-                padded.append(full)
-            results.append(tuple(padded))
+                results = self._refresh(key, tuple(tensor[owned] for tensor in inputs))
+            if world_size > 1:
+                padded = []
+                for tensor in results:
+                    full = torch.zeros((rows, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+                    full[owned] = tensor
+                    padded.append(full)
+                results = tuple(padded)
+            computed.append((members, results))
         if world_size > 1:
-            tensors = [tensor for result in results for tensor in result]
+            tensors = [tensor for _, results in computed for tensor in results]
             for dtype in {tensor.dtype for tensor in tensors}:
                 same = [tensor for tensor in tensors if tensor.dtype == dtype]
                 flat = torch.cat([tensor.reshape(-1) for tensor in same])
                 dist.all_reduce(flat)
                 torch._foreach_copy_(same, [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in same]), same)])
+        per_job: list[tuple[Tensor, ...]] = [()] * len(jobs)
+        for members, results in computed:
+            sizes = [jobs[j][2][0].shape[0] for j in members]
+            for j, parts in zip(members, zip(*(tensor.split(sizes) for tensor in results))):
+                per_job[j] = parts
         with fp32_matmul_precision("ieee"):
-            for (bucket, selection), result in zip(due, results):
-                self._accept(bucket, self.param_groups[bucket.group_index], _as_slice(selection), result)
+            for index, (bucket, selection) in enumerate(due):
+                self._accept(bucket, self.param_groups[bucket.group_index], _as_slice(selection),
+                             per_job[2 * index] + per_job[2 * index + 1])
 
 
 def _keep_previous(current: Tensor, candidate: Tensor, ok: Tensor) -> None:
@@ -892,29 +923,35 @@ class Shampoo(_KroneckerOptimizer):
         return recompute_selection(bucket.step, len(bucket), frequency=group["precondition_frequency"],
                                    start=self._start(group), stagger=group["stagger_recompute"])
 
-    def _candidates(self, bucket, group, blocks):
+    def _refresh_job(self, bucket, group, side, blocks):
         root, eps = group["exponent_override"] or 4, group["preconditioner_eps"]
         # Groups saved before root_inverse existed used eigendecompositions.
         method = group.get("root_inverse", "eigh")
-        results = []
-        for side in ("left", "right"):
-            factors = bucket.stacks[f"factor_{side}"][blocks]
-            if method == "newton":
-                roots, ok = newton_inverse_root(factors, root=root, eps=eps,
-                                                iterations=group.get("newton_iterations", 20))
-                results += [roots, ok.to(roots.dtype)]
-            elif method == "eigh":
-                roots, ok = inverse_root(factors, root=root, eps=eps)
-                results += [roots, ok.to(roots.dtype)]
-            elif bucket.step == self._start(group):  # "qr": the first basis by a full eigendecomposition
-                values, vectors = symmetric_eigh(factors)
-                roots = root_from_eigenpairs(factors, values, vectors, root=root, eps=eps)
-                results += [roots, _finite_blocks(roots).to(roots.dtype), vectors]
-            else:
-                roots, vectors, ok = qr_inverse_root(factors, bucket.stacks[f"basis_{side}"][blocks], root=root,
-                                                     eps=eps)
-                results += [roots, ok.to(roots.dtype), vectors]
-        return tuple(results)
+        factors = bucket.stacks[f"factor_{side}"][blocks]
+        if method == "newton":
+            return ("newton", root, eps, group.get("newton_iterations", 20)), (factors,)
+        if method == "qr" and bucket.step == self._start(group):  # the first basis by a full eigendecomposition
+            return ("qr_first", root, eps), (factors,)
+        if method == "qr":
+            return ("qr", root, eps), (factors, bucket.stacks[f"basis_{side}"][blocks])
+        return ("eigh", root, eps), (factors,)
+
+    @staticmethod
+    def _refresh(key, inputs):
+        method, root, eps, *settings = key
+        factors = inputs[0]
+        if method == "newton":
+            roots, ok = newton_inverse_root(factors, root=root, eps=eps, iterations=settings[0])
+            return roots, ok.to(roots.dtype)
+        if method == "eigh":
+            roots, ok = inverse_root(factors, root=root, eps=eps)
+            return roots, ok.to(roots.dtype)
+        if method == "qr_first":
+            values, vectors = symmetric_eigh(factors)
+            roots = root_from_eigenpairs(factors, values, vectors, root=root, eps=eps)
+            return roots, _finite_blocks(roots).to(roots.dtype), vectors
+        roots, vectors, ok = qr_inverse_root(factors, inputs[1], root=root, eps=eps)
+        return roots, ok.to(roots.dtype), vectors
 
     def _accept(self, bucket, group, blocks, results):
         stacks = bucket.stacks
@@ -1045,17 +1082,21 @@ class Soap(_KroneckerOptimizer):
         return recompute_selection(bucket.step, len(bucket), frequency=group["precondition_frequency"], start=1,
                                    stagger=group["stagger_recompute"])
 
-    def _candidates(self, bucket, group, blocks):
-        results = []
-        for side in ("left", "right"):
-            factors = bucket.stacks[f"factor_{side}"][blocks]
-            if bucket.step == 1 or group["eigenbasis_update"] == "eigh":
-                bases, ok = eigenbasis(factors)
-                order = torch.arange(factors.shape[-1], device=factors.device).expand(factors.shape[:-1])
-            else:
-                bases, order, ok = refresh_eigenbasis(factors, bucket.stacks[f"basis_{side}"][blocks])
-            results += [bases, order.to(bases.dtype), ok.to(bases.dtype)]
-        return tuple(results)
+    def _refresh_job(self, bucket, group, side, blocks):
+        factors = bucket.stacks[f"factor_{side}"][blocks]
+        if bucket.step == 1 or group["eigenbasis_update"] == "eigh":
+            return ("eigh",), (factors,)
+        return ("qr",), (factors, bucket.stacks[f"basis_{side}"][blocks])
+
+    @staticmethod
+    def _refresh(key, inputs):
+        factors = inputs[0]
+        if key == ("eigh",):
+            bases, ok = eigenbasis(factors)
+            order = torch.arange(factors.shape[-1], device=factors.device).expand(factors.shape[:-1])
+        else:
+            bases, order, ok = refresh_eigenbasis(factors, inputs[1])
+        return bases, order.to(bases.dtype), ok.to(bases.dtype)
 
     def _accept(self, bucket, group, blocks, results):
         stacks = bucket.stacks

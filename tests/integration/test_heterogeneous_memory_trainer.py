@@ -76,7 +76,7 @@ def test_unsupported_settings_fail_before_training(tmp_path, tokenized, minilm_p
 def test_trainer_fp16_trains_fp16_weights_under_a_sharded_grad_scaler(tmp_path, tokenized, minilm_path):
     from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-    trainer = _trainer(tmp_path, tokenized, minilm_path, fp16=True, save_strategy="no",
+    trainer = _trainer(tmp_path, tokenized, minilm_path, fp16=True, use_cpu=False, save_strategy="no",
                        options="param_dtype=float16,placement=static,offload_optim_frac=0.5")
     trainer.train()
     assert isinstance(trainer.accelerator.scaler, ShardedGradScaler)

@@ -247,6 +247,29 @@ def test_recompute_schedule_and_stagger():
         assert all(t.isfinite().all() for t in tensors.values())
 
 
+@pytest.mark.parametrize("cls, options, steps", [(Shampoo, SHAMPOO_BASE, 3), (Soap, SOAP_BASE, 4)])
+def test_recomputation_runs_one_batch_per_factor_size_across_buckets_and_sides(cls, options, steps):
+    """SHAPES has five block shapes (buckets) and ten factor stacks; at a recomputation (Shampoo's first, SOAP's
+    first QR refresh) the factors go out as one batched computation per factor size: 7 of 4 x 4, 3 of 3 x 3, 2 of
+    2 x 2, 2 of 1 x 1."""
+    params, grads = make_problem()
+    tensors = [value.requires_grad_() for value in params.values()]
+    optimizer = cls(tensors, **options)
+    calls, compute = [], optimizer._refresh
+
+    def refresh(key, inputs):
+        calls.append((inputs[0].shape[-1], inputs[0].shape[0]))
+        return compute(key, inputs)
+
+    optimizer._refresh = refresh
+    for grad in grads[:steps]:
+        for tensor, value in zip(tensors, grad.values()):
+            tensor.grad = value
+        calls.clear()
+        optimizer.step()
+    assert sorted(calls) == [(1, 2), (2, 2), (3, 3), (4, 7)]
+
+
 @pytest.mark.parametrize("failure", ["raises", "nonfinite"])
 @pytest.mark.parametrize("cls", [Shampoo, Soap])
 def test_failed_decomposition_keeps_previous_preconditioner_and_counts(cls, failure, monkeypatch):

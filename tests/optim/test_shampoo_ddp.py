@@ -27,15 +27,15 @@ STEPS, BATCH = 6, 16
 
 
 def _count_computed_blocks(optimizer):
-    """Wrap the optimizer's preconditioner computation to count the blocks this process computes."""
+    """Wrap the optimizer's preconditioner computation to count the factors (two per block) this process computes."""
     counted = {"blocks": 0}
-    compute = optimizer._candidates
+    compute = optimizer._refresh
 
-    def candidates(bucket, group, blocks):
-        counted["blocks"] += bucket.stacks["factor_left"][blocks].shape[0]
-        return compute(bucket, group, blocks)
+    def refresh(key, inputs):
+        counted["blocks"] += inputs[0].shape[0]
+        return compute(key, inputs)
 
-    optimizer._candidates = candidates
+    optimizer._refresh = refresh
     return counted
 
 

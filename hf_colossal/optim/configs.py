@@ -148,6 +148,9 @@ class ShampooConfig(OptimizerConfig):
     )
     newton_iterations: int = _opt(20, "fixed iteration count of root_inverse=newton")
     stagger_recompute: bool = _opt(True, "spread the root recomputations over the frequency's steps")
+    overlap_recompute: bool = _opt(
+        True, "use recomputed roots from the next step; on CUDA computed on a side stream behind forward/backward"
+    )
     nonfinite: Literal["skip", "error", "apply"] = _opt("skip", "on inf/NaN grads: skip the step, raise, or apply")
 
 
@@ -171,6 +174,9 @@ class SoapConfig(OptimizerConfig):
         "float32", "precision of the rotations into/out of the eigenbasis (tfloat32: ~5x faster, noisier)"
     )
     stagger_recompute: bool = _opt(True, "spread the eigenbasis refreshes over the frequency's steps")
+    overlap_recompute: bool = _opt(
+        True, "use refreshed eigenbases from the next step; on CUDA refreshed on a side stream behind forward/backward"
+    )
     nonfinite: Literal["skip", "error", "apply"] = _opt("skip", "on inf/NaN grads: skip the step, raise, or apply")
 
 

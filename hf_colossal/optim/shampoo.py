@@ -24,6 +24,7 @@ reads one flag per step) and no collective under DDP.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from itertools import chain
@@ -443,10 +444,13 @@ class _KroneckerOptimizer(Optimizer):
         self._check_hyperparameters(defaults, self.name)
         super().__init__(params, defaults)
         self._plan: tuple[Any, list[BlockBucket], list[DiagonalParams], Tensor] | None = None
+        #: A recomputation launched at the last step and not yet taken into the state (see :meth:`_recompute`).
+        self._pending: tuple[list[tuple[BlockBucket, range]], list[tuple[Tensor, ...]], list[Any]] | None = None
+        self._side_streams: dict[torch.device, Any] = {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._plan = None
+        self._plan, self._pending, self._side_streams = None, None, {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group after validating its hyperparameters; sharded (DTensor) parameters are refused."""
@@ -475,8 +479,8 @@ class _KroneckerOptimizer(Optimizer):
                              ("nonfinite", _NONFINITE_POLICIES)):
             value = hyperparameters[key]
             require(value in choices, where, key, value, f"expected one of {tuple(choices)}")
-        require(isinstance(hyperparameters["stagger_recompute"], bool), where, "stagger_recompute",
-                hyperparameters["stagger_recompute"], "expected a bool")
+        for key in ("stagger_recompute", "overlap_recompute"):
+            require(isinstance(hyperparameters[key], bool), where, key, hyperparameters[key], "expected a bool")
 
     # -- subclass interface -------------------------------------------------------------------------------------
 
@@ -509,6 +513,10 @@ class _KroneckerOptimizer(Optimizer):
         raise NotImplementedError
 
     def _recompute_selection(self, bucket: BlockBucket, group: dict[str, Any]) -> range | None:
+        raise NotImplementedError
+
+    def _is_first_recompute(self, bucket: BlockBucket, group: dict[str, Any]) -> bool:
+        """Whether this step's recomputation of ``bucket`` is its first (by eigendecomposition, used at once)."""
         raise NotImplementedError
 
     def _direction(self, bucket: BlockBucket, grads: Tensor, group: dict[str, Any]) -> Tensor:
@@ -544,6 +552,7 @@ class _KroneckerOptimizer(Optimizer):
         """Load like ``torch.optim.Optimizer``, then put every state tensor back in its own dtype on its
         parameter's device (torch casts floating state to the parameter dtype, and the failure counters too).
         The stacked buckets are rebuilt from this per-parameter state on the next step."""
+        self._pending = None
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
         params = ((p, group) for group in self.param_groups for p in group["params"])
@@ -562,9 +571,16 @@ class _KroneckerOptimizer(Optimizer):
                     self.state[param][key] = [block.to(device=param.device, dtype=dtype) for block in value]
         self._plan = None
 
+    def state_dict(self) -> dict[str, Any]:
+        """The standard optimizer state dict, after taking in a pending recomputation (so a run resumed from it
+        continues exactly)."""
+        self._finish_recompute()
+        return super().state_dict()
+
     def preconditioner_failures(self) -> int:
         """How many block preconditioner computations failed (eigendecomposition raised or gave non-finite
         values) and kept the previous preconditioner. One host sync."""
+        self._finish_recompute()
         counts = [
             count for state in self.state.values() for count in state.get("preconditioner_failures", [])
         ]
@@ -574,6 +590,7 @@ class _KroneckerOptimizer(Optimizer):
 
     def _build_plan(self, params_and_grads: list[tuple[list[Tensor], list[Tensor]]]) -> None:
         """Create missing state and stack the blocks of equal (group, shape, step) into buckets."""
+        self._finish_recompute()  # into the old buckets, whose stacks the state lists still view
         buckets: list[BlockBucket] = []
         diagonals: list[DiagonalParams] = []
         for group_index, (group, (params, _)) in enumerate(zip(self.param_groups, params_and_grads)):
@@ -642,13 +659,19 @@ class _KroneckerOptimizer(Optimizer):
             self._accumulate(bucket, grads, group)
             gathered.append(grads)
 
-        due = []
+        # The roots recomputed at the last step take effect now, before this step's recomputations read them.
+        self._finish_recompute()
+        due, overlapped = [], []
         for bucket in buckets:
-            selection = self._recompute_selection(bucket, self.param_groups[bucket.group_index])
+            group = self.param_groups[bucket.group_index]
+            selection = self._recompute_selection(bucket, group)
             if selection is not None:
-                due.append((bucket, selection))
+                later = group.get("overlap_recompute", False) and not self._is_first_recompute(bucket, group)
+                (overlapped if later else due).append((bucket, selection))
         if due:
-            self._recompute(due)
+            self._accept_recomputed(due, *self._recompute(due, overlap=False))
+        if overlapped:
+            self._pending = (overlapped, *self._recompute(overlapped, overlap=True))
 
         for bucket, grads in zip(buckets, gathered):
             group = self.param_groups[bucket.group_index]
@@ -684,14 +707,29 @@ class _KroneckerOptimizer(Optimizer):
                                             bias_corrections2=[1 - beta2**step] * len(params), eps=group["eps"])
         torch._foreach_add_(params, directions, alpha=-group["lr"] / self._bias_correction1(group, step))
 
-    def _recompute(self, due: list[tuple[BlockBucket, range]]) -> None:
-        """Recompute the due blocks' preconditioners.
+    def _side_stream(self, device: torch.device) -> Any:
+        """The CUDA stream the overlapped recomputations of ``device`` run on (None off CUDA)."""
+        if device.type != "cuda":
+            return None
+        if device not in self._side_streams:
+            self._side_streams[device] = torch.cuda.Stream(device)
+        return self._side_streams[device]
 
-        Every side of every due block becomes a job (:meth:`_refresh_job`); jobs of equal key and input shapes,
-        across buckets and sides, are concatenated and computed in one batch (a batched factorisation costs
-        nearly the same for 5 matrices as for 50). Under ``torch.distributed`` each rank computes an equal share
-        of every batch (Shi et al. 2023, Sec. 4) and one ``all_reduce`` (per dtype) of the zero-padded results
-        gives every rank all of them."""
+    def _recompute(self, due: list[tuple[BlockBucket, range]], *,
+                   overlap: bool) -> tuple[list[tuple[Tensor, ...]], list[Any]]:
+        """Recompute the due blocks' preconditioners; returns each job's results and the CUDA events that mark
+        them ready, for :meth:`_accept_recomputed`.
+
+        Every side of every due block becomes a job (:meth:`_refresh_job`); jobs of equal key, input shapes and
+        device, across buckets and sides, are concatenated and computed in one batch (a batched factorisation
+        costs nearly the same for 5 matrices as for 50). Under ``torch.distributed`` each rank computes an equal
+        share of every batch (Shi et al. 2023, Sec. 4) and one ``all_reduce`` (per dtype) of the zero-padded
+        results gives every rank all of them.
+
+        With ``overlap`` the inputs are copied first (the factors take the next gradient in place) and, on CUDA,
+        the computation runs on a side stream: it overlaps the next step's forward and backward, and the results
+        are taken in at the next step.
+        """
         rank, world_size = _rank_and_world_size()
         jobs = []  # (bucket, selection, inputs)
         batches: dict[tuple, list[int]] = {}
@@ -699,42 +737,74 @@ class _KroneckerOptimizer(Optimizer):
             group = self.param_groups[bucket.group_index]
             for side in ("left", "right"):
                 key, inputs = self._refresh_job(bucket, group, side, _as_slice(selection))
-                shapes = tuple((tuple(t.shape[1:]), t.dtype) for t in inputs)
-                batches.setdefault((key, shapes), []).append(len(jobs))
+                layout = tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in inputs)
+                batches.setdefault((key, layout), []).append(len(jobs))
                 jobs.append((bucket, selection, inputs))
         computed = []
+        streams: dict[torch.device, Any] = {}
         for (key, _), members in batches.items():
-            inputs = [parts[0] if len(parts) == 1 else torch.cat(parts) for parts in zip(*(jobs[j][2] for j in members))]
+            inputs = [torch.cat(parts) if overlap or len(parts) > 1 else parts[0]
+                      for parts in zip(*(jobs[j][2] for j in members))]
+            device = inputs[0].device
+            stream = self._side_stream(device) if overlap else None
+            if stream is not None:
+                stream.wait_stream(torch.cuda.current_stream(device))
+                for tensor in inputs:
+                    tensor.record_stream(stream)
+                streams[device] = stream
             rows = inputs[0].shape[0]
             share = -(-rows // world_size)
             owned = slice(min(rank * share, rows), min((rank + 1) * share, rows))
             # Roots, eigenbases and their products in true fp32 (or fp64), whatever the global TF32 setting.
-            with fp32_matmul_precision("ieee"):
+            with _on_stream(stream), fp32_matmul_precision("ieee"):
                 results = self._refresh(key, tuple(tensor[owned] for tensor in inputs))
-            if world_size > 1:
-                padded = []
-                for tensor in results:
-                    full = torch.zeros((rows, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-                    full[owned] = tensor
-                    padded.append(full)
-                results = tuple(padded)
+                if world_size > 1:
+                    padded = []
+                    for tensor in results:
+                        full = torch.zeros((rows, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+                        full[owned] = tensor
+                        padded.append(full)
+                    results = tuple(padded)
             computed.append((members, results))
         if world_size > 1:
             tensors = [tensor for _, results in computed for tensor in results]
-            for dtype in {tensor.dtype for tensor in tensors}:
-                same = [tensor for tensor in tensors if tensor.dtype == dtype]
-                flat = torch.cat([tensor.reshape(-1) for tensor in same])
-                dist.all_reduce(flat)
-                torch._foreach_copy_(same, [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in same]), same)])
+            with _on_stream(next(iter(streams.values()), None)):
+                for dtype in {tensor.dtype for tensor in tensors}:
+                    same = [tensor for tensor in tensors if tensor.dtype == dtype]
+                    flat = torch.cat([tensor.reshape(-1) for tensor in same])
+                    dist.all_reduce(flat)
+                    torch._foreach_copy_(same, [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in same]), same)])
         per_job: list[tuple[Tensor, ...]] = [()] * len(jobs)
         for members, results in computed:
             sizes = [jobs[j][2][0].shape[0] for j in members]
             for j, parts in zip(members, zip(*(tensor.split(sizes) for tensor in results))):
                 per_job[j] = parts
+        return per_job, [(device, stream.record_event()) for device, stream in streams.items()]
+
+    def _accept_recomputed(self, due: list[tuple[BlockBucket, range]], per_job: list[tuple[Tensor, ...]],
+                           events: list[Any]) -> None:
+        """Take :meth:`_recompute`'s results into the state (after the side stream's work, where it had any)."""
+        for device, event in events:
+            current = torch.cuda.current_stream(device)
+            current.wait_event(event)
+            for parts in per_job:
+                for tensor in parts:
+                    if tensor.device == device:
+                        tensor.record_stream(current)
         with fp32_matmul_precision("ieee"):
             for index, (bucket, selection) in enumerate(due):
                 self._accept(bucket, self.param_groups[bucket.group_index], _as_slice(selection),
                              per_job[2 * index] + per_job[2 * index + 1])
+
+    def _finish_recompute(self) -> None:
+        """Take a pending (overlapped) recomputation into the state."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._accept_recomputed(*pending)
+
+
+def _on_stream(stream: Any) -> Any:
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
 def _keep_previous(current: Tensor, candidate: Tensor, ok: Tensor) -> None:
@@ -799,6 +869,11 @@ class Shampoo(_KroneckerOptimizer):
         newton_iterations: the Newton path's fixed iteration count (20 converges to fp32 accuracy).
         stagger_recompute: spread the recomputations over the ``precondition_frequency`` steps (block ``i`` at
             steps where ``(t - start) % frequency == i % frequency``) instead of all blocks on one step.
+        overlap_recompute: roots recomputed at step :math:`t` (from the factors including :math:`G_t`) are used
+            from step :math:`t+1`; on CUDA their computation runs on a side stream, overlapping the next forward
+            and backward. The first recomputation (at the start step) is used at once either way. False: used at
+            step :math:`t`, computed in line. ``state_dict()`` takes a pending result in first, so a resumed run
+            continues exactly.
         nonfinite: a step with an inf/NaN gradient: ``"skip"`` (counted in ``nonfinite_skips``, one host sync per
             step), ``"error"`` or ``"apply"`` (no check).
 
@@ -834,6 +909,7 @@ class Shampoo(_KroneckerOptimizer):
         root_inverse: str = "qr",
         newton_iterations: int = 20,
         stagger_recompute: bool = True,
+        overlap_recompute: bool = True,
         nonfinite: str = "skip",
     ) -> None:
         defaults = dict(
@@ -843,7 +919,8 @@ class Shampoo(_KroneckerOptimizer):
             precondition_frequency=precondition_frequency, start_preconditioning_step=start_preconditioning_step,
             grafting=grafting, decoupled_weight_decay=decoupled_weight_decay, exponent_override=exponent_override,
             preconditioner_dtype=preconditioner_dtype, matmul_dtype=matmul_dtype,
-            stagger_recompute=stagger_recompute, nonfinite=nonfinite, nonfinite_skips=0,
+            stagger_recompute=stagger_recompute, overlap_recompute=overlap_recompute, nonfinite=nonfinite,
+            nonfinite_skips=0,
         )
         super().__init__(params, defaults)
 
@@ -923,6 +1000,9 @@ class Shampoo(_KroneckerOptimizer):
         return recompute_selection(bucket.step, len(bucket), frequency=group["precondition_frequency"],
                                    start=self._start(group), stagger=group["stagger_recompute"])
 
+    def _is_first_recompute(self, bucket, group):
+        return bucket.step == self._start(group)
+
     def _refresh_job(self, bucket, group, side, blocks):
         root, eps = group["exponent_override"] or 4, group["preconditioner_eps"]
         # Groups saved before root_inverse existed used eigendecompositions.
@@ -930,7 +1010,7 @@ class Shampoo(_KroneckerOptimizer):
         factors = bucket.stacks[f"factor_{side}"][blocks]
         if method == "newton":
             return ("newton", root, eps, group.get("newton_iterations", 20)), (factors,)
-        if method == "qr" and bucket.step == self._start(group):  # the first basis by a full eigendecomposition
+        if method == "qr" and self._is_first_recompute(bucket, group):  # the first basis: an eigendecomposition
             return ("qr_first", root, eps), (factors,)
         if method == "qr":
             return ("qr", root, eps), (factors, bucket.stacks[f"basis_{side}"][blocks])
@@ -1008,6 +1088,8 @@ class Soap(_KroneckerOptimizer):
         shampoo_beta: :math:`\beta_s` of the factors' EMA (the paper: 0.95).
         max_preconditioner_dim, precondition_frequency, preconditioner_dtype, stagger_recompute, nonfinite: as
             :class:`Shampoo`.
+        overlap_recompute: as :class:`Shampoo`: an eigenbasis refreshed at step :math:`t` is used (and the second
+            moment permuted to its order) from step :math:`t+1`; the first eigenbasis (step 1) at once.
         matmul_dtype: ``"tfloat32"`` (default), ``"float32"`` or ``"bfloat16"`` (see :class:`Shampoo`) for the
             factor products :math:`GG^\top, G^\top G`; the refreshes stay true fp32.
         rotation_dtype: the same choices for the four rotations into and out of the eigenbasis per block and step,
@@ -1039,6 +1121,7 @@ class Soap(_KroneckerOptimizer):
         matmul_dtype: str = "tfloat32",
         rotation_dtype: str = "float32",
         stagger_recompute: bool = True,
+        overlap_recompute: bool = True,
         nonfinite: str = "skip",
     ) -> None:
         defaults = dict(
@@ -1046,7 +1129,7 @@ class Soap(_KroneckerOptimizer):
             max_preconditioner_dim=max_preconditioner_dim, precondition_frequency=precondition_frequency,
             eigenbasis_update=eigenbasis_update, preconditioner_dtype=preconditioner_dtype,
             matmul_dtype=matmul_dtype, rotation_dtype=rotation_dtype, stagger_recompute=stagger_recompute,
-            nonfinite=nonfinite, nonfinite_skips=0,
+            overlap_recompute=overlap_recompute, nonfinite=nonfinite, nonfinite_skips=0,
         )
         super().__init__(params, defaults)
 
@@ -1082,9 +1165,12 @@ class Soap(_KroneckerOptimizer):
         return recompute_selection(bucket.step, len(bucket), frequency=group["precondition_frequency"], start=1,
                                    stagger=group["stagger_recompute"])
 
+    def _is_first_recompute(self, bucket, group):
+        return bucket.step == 1
+
     def _refresh_job(self, bucket, group, side, blocks):
         factors = bucket.stacks[f"factor_{side}"][blocks]
-        if bucket.step == 1 or group["eigenbasis_update"] == "eigh":
+        if self._is_first_recompute(bucket, group) or group["eigenbasis_update"] == "eigh":
             return ("eigh",), (factors,)
         return ("qr",), (factors, bucket.stacks[f"basis_{side}"][blocks])
 

@@ -80,7 +80,8 @@ def graft_direction(m, v, grafting, eps, bc2):
 
 
 def reference_shampoo(params, grads_per_step, hp):
-    """Shampoo with grafting (Shi et al. 2023, Alg. 1), one block at a time, float64, explicit matrix roots."""
+    """Shampoo with grafting (Shi et al. 2023, Alg. 1), one block at a time, float64, explicit matrix roots; with
+    ``overlap_recompute`` (default) roots recomputed at step t after the start step are used from step t+1."""
     lr, (beta1, beta2), eps, wd = hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"]
     grafting, beta_s = hp["grafting"], hp["shampoo_beta"]
     frequency = hp["precondition_frequency"]
@@ -116,9 +117,14 @@ def reference_shampoo(params, grads_per_step, hp):
                 s["R"] = beta_s * s["R"] + (1 - beta_s) * G.T @ G if beta_s < 1 else s["R"] + G.T @ G
                 s["m"] = beta1 * s["m"] + (1 - beta1) * G
                 s["v"] = s["v"] + G * G if grafting == "adagrad" else beta2 * s["v"] + (1 - beta2) * G * G
+                if "pending" in s:  # overlap_recompute: roots recomputed at the last step take effect now
+                    s["rootL"], s["rootR"] = s.pop("pending")
                 if recompute:
-                    s["rootL"] = inverse_root(s["L"], hp["preconditioner_eps"], root)
-                    s["rootR"] = inverse_root(s["R"], hp["preconditioner_eps"], root)
+                    roots = tuple(inverse_root(s[side], hp["preconditioner_eps"], root) for side in ("L", "R"))
+                    if hp.get("overlap_recompute", True) and t != start:
+                        s["pending"] = roots
+                    else:
+                        s["rootL"], s["rootR"] = roots
                 grafted = graft_direction(s["m"], s["v"], grafting, eps, bc2)
                 if t < start:
                     d = grafted
@@ -144,6 +150,9 @@ SHAMPOO_CASES = {
     "none": {"grafting": "none", "lr": 0.005, "exponent_override": 2},
     "l2_decay_start_1": {"weight_decay": 0.1, "decoupled_weight_decay": False, "start_preconditioning_step": 1},
     "decoupled_decay": {"weight_decay": 0.1, "start_preconditioning_step": 2, "precondition_frequency": 2},
+    "in_line_recompute": {"overlap_recompute": False},
+    "in_line_every_step": {"overlap_recompute": False, "precondition_frequency": 1, "start_preconditioning_step": 1},
+    "overlapped_every_step": {"precondition_frequency": 1, "start_preconditioning_step": 1},
 }
 
 
@@ -175,7 +184,8 @@ def test_shampoo_float32_matches_reference_and_state_layout():
 
 
 def reference_soap(params, grads_per_step, hp):
-    """SOAP (Vyas et al. 2024, Alg. 3-4) one block at a time in float64, first moment in the original basis."""
+    """SOAP (Vyas et al. 2024, Alg. 3-4) one block at a time in float64, first moment in the original basis; with
+    ``overlap_recompute`` (default) an eigenbasis refreshed at step t > 1 is used from step t+1."""
     lr, (beta1, beta2), eps, wd = hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"]
     frequency, beta_s = hp["precondition_frequency"], hp["shampoo_beta"]
     params = {name: value.clone() for name, value in params.items()}
@@ -205,12 +215,21 @@ def reference_soap(params, grads_per_step, hp):
                 if t == 1:
                     s["QL"] = torch.linalg.eigh(s["L"])[1].flip(-1)
                     s["QR"] = torch.linalg.eigh(s["R"])[1].flip(-1)
-                elif (t - 1) % frequency == 0:
+                for side, dim, order, basis in s.pop("pending", ()):  # refreshed at the last step
+                    s["v"] = s["v"].index_select(dim, order)
+                    s["Q" + side] = basis
+                if t > 1 and (t - 1) % frequency == 0:
+                    refreshed = []
                     for side, dim in (("L", 0), ("R", 1)):
                         P, Q = s[side], s["Q" + side]
                         order = torch.diag(Q.T @ P @ Q).argsort(descending=True)
-                        s["v"] = s["v"].index_select(dim, order)
-                        s["Q" + side] = torch.linalg.qr(P @ Q[:, order])[0]
+                        refreshed.append((side, dim, order, torch.linalg.qr(P @ Q[:, order])[0]))
+                    if hp.get("overlap_recompute", True):
+                        s["pending"] = refreshed
+                    else:
+                        for side, dim, order, basis in refreshed:
+                            s["v"] = s["v"].index_select(dim, order)
+                            s["Q" + side] = basis
                 QL, QR = s["QL"], s["QR"]
                 s["m"] = beta1 * s["m"] + (1 - beta1) * G
                 Gr = QL.T @ G @ QR
@@ -226,7 +245,8 @@ SOAP_BASE = dict(lr=0.02, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, shampoo
                  preconditioner_dtype="float64")
 
 
-@pytest.mark.parametrize("case", [{}, {"weight_decay": 0.1, "precondition_frequency": 2}], ids=["base", "decay"])
+@pytest.mark.parametrize("case", [{}, {"weight_decay": 0.1, "precondition_frequency": 2}, {"overlap_recompute": False},
+                                  {"precondition_frequency": 1}], ids=["base", "decay", "in_line", "every_step"])
 def test_soap_matches_float64_reference(case):
     # The refresh's power step is shifted by 1e-6 ||P||_F (refresh_eigenbasis; the reference has no shift): about
     # 2e-7 of a parameter after 9 steps.
@@ -348,6 +368,7 @@ def test_resume_from_state_dict_is_exact(cls):
 
     first = {n: v.float().requires_grad_() for n, v in params.items()}
     optimizer = _train(cls, options, grads[:5], first)
+    assert optimizer._pending is not None  # step 5's recomputation is still to be taken in (overlap_recompute)
     buffer = io.BytesIO()
     torch.save({"optimizer": optimizer.state_dict(), "params": {n: t.detach() for n, t in first.items()}}, buffer)
     buffer.seek(0)
@@ -621,6 +642,7 @@ def test_shampoo_qr_refreshes_move_the_basis_toward_the_exact_root():
     state = optimizer.state[tensors["w1"]]
     first_bases = [basis.clone() for basis in state["basis_left"]]
     _train(Shampoo, hp, grads[3:], tensors, optimizer)
+    optimizer.state_dict()  # takes in the roots recomputed at step 9 (overlap_recompute: pending until step 10)
     for block, (factor, root, first, last) in enumerate(zip(state["factor_left"], state["root_left"], first_bases,
                                                             state["basis_left"])):
         ridge = max(1e-4, RELATIVE_RIDGE * float(torch.linalg.matrix_norm(factor)))

@@ -1,5 +1,5 @@
-"""CPU and CUDA give the same LAMB / LARS result (within fp32 rounding), in fp32, bf16 and fp16; Shampoo and SOAP,
-whose recomputations run on a side CUDA stream, give the CPU's result too.
+"""CPU and CUDA give the same LAMB / LARS result (within fp32 rounding), in fp32, bf16 and fp16; Shampoo and SOAP
+give the same result with their recomputations on a side CUDA stream as on the main stream.
 
 Skipped where there is no GPU; run on the device machine with `pytest tests/optim/test_devices.py`.
 """
@@ -58,26 +58,27 @@ def test_cuda_nonfinite_gradient_skips_the_step(name):
 
 @cuda
 @pytest.mark.parametrize("cls", [Shampoo, Soap])
-def test_side_stream_recomputation_matches_the_cpu(cls):
-    """Blocks large enough that a recomputation is still running on the side stream when the next step starts;
-    a missing wait or an input changed under it would show as a difference far above rounding."""
+def test_side_stream_recomputation_equals_the_same_schedule_on_the_main_stream(cls):
+    """Blocks large enough that a recomputation is still running on the side stream when the next step starts; a
+    missing wait or an input changed under it would show far above rounding against the same schedule computed on
+    the main stream (same kernels, same order). CPU against GPU is not compared here: the factors of blocks with
+    fewer gradient rows than columns have degenerate eigenspaces, whose bases legitimately differ by device."""
     generator = torch.Generator().manual_seed(0)
     shapes = [(768, 512), (512, 512), (300, 200), (64,)]
     inits = [torch.randn(s, generator=generator) for s in shapes]
     grads = [[0.1 * torch.randn(s, generator=generator) for s in shapes] for _ in range(12)]
-    options = dict(lr=1e-3, max_preconditioner_dim=256, precondition_frequency=2, matmul_dtype="float32")
-    if cls is Soap:
-        options["rotation_dtype"] = "float32"
     results = {}
-    for device in ("cpu", "cuda"):
-        params = [init.to(device).requires_grad_() for init in inits]
-        optimizer = cls(params, **options)
+    for side_stream in (True, False):
+        params = [init.to("cuda", copy=True).requires_grad_() for init in inits]
+        optimizer = cls(params, lr=1e-3, max_preconditioner_dim=256, precondition_frequency=2)
+        if not side_stream:
+            optimizer._side_stream = lambda device: None
         for step_grads in grads:
             for param, grad in zip(params, step_grads):
-                param.grad = grad.to(device)
+                param.grad = grad.to("cuda")
             optimizer.step()
         assert optimizer.preconditioner_failures() == 0
-        assert bool(optimizer._side_streams) == (device == "cuda")
-        results[device] = [param.detach().cpu() for param in params]
-    for cpu, gpu, init in zip(results["cpu"], results["cuda"], inits):
-        torch.testing.assert_close(gpu - init, cpu - init, rtol=1e-3, atol=1e-5)
+        assert bool(optimizer._side_streams) == side_stream
+        results[side_stream] = [param.detach().cpu() for param in params]
+    for overlapped, in_line, init in zip(results[True], results[False], inits):
+        torch.testing.assert_close(overlapped - init, in_line - init, rtol=1e-6, atol=1e-8)

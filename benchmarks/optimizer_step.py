@@ -27,8 +27,8 @@ settings of ../shared/bench/anchor_steps.py). Their timing starts after the firs
 f + 5 steps) and runs over a whole number of recompute periods (60 steps for f10, 200 for f100), so the reported
 means are amortized steady-state steps; compare "step ms mean" (and its ratio to AdamW's) for them.
 
-"opt host ms" is the host's wall time of ``step()`` + ``zero_grad()``: near "opt ms", the step is bound by the
-host (kernel launches, host synchronisations) rather than by the GPU. ``--profile DIR`` runs one more recompute
+"opt host ms" is the host's wall time of ``step()`` + ``zero_grad()``. It includes any wait for the GPU inside the
+step: ``nonfinite="skip"`` reads a flag, so the host waits there for the backward to finish. ``--profile DIR`` runs one more recompute
 period (10 steps for the others) under ``torch.profiler`` and writes ``DIR/<name>_profile.txt``: the ops by
 total GPU time and by host time.
 
@@ -227,6 +227,7 @@ def one(name, kind, steps=60, warm=5, profile_dir=None):
     step_ms = [start.elapsed_time(end) for start, _, end in timed]
     opt_ms = [mid.elapsed_time(end) for _, mid, end in timed]
     total_ms = timed[0][0].elapsed_time(timed[-1][2])
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30
     if profile_dir:
         batches = iter(range(warm + steps, 10**9))
         profile_steps(lambda: run_step(data[next(batches) % 4]), frequency or 10,
@@ -237,7 +238,7 @@ def one(name, kind, steps=60, warm=5, profile_dir=None):
                 opt_ms_mean=round(sum(opt_ms) / len(opt_ms), 3),
                 opt_ms_median=round(sorted(opt_ms)[len(opt_ms) // 2], 3),
                 opt_host_ms_mean=round(sum(opt_host_ms) / len(opt_host_ms), 3),
-                peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2), final_loss=round(loss.item(), 3))
+                peak_GiB=round(peak_gib, 2), final_loss=round(loss.item(), 3))
 
 
 def copy_bandwidth_tb_s():

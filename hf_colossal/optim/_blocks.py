@@ -110,7 +110,8 @@ class BlockBucket:
 
     def gather_grads(self) -> Tensor:
         """The gradient of every block, copied into the persistent ``(n, rows, cols)`` buffer in the math dtype:
-        one multi-tensor copy for the blocks whose gradient views are contiguous, one copy for each other block."""
+        one multi-tensor copy for the blocks whose gradient views are contiguous, one copy for each other block.
+        (Gradients may be laid out unlike their parameters, so this split is taken per call.)"""
         views = [param.grad.reshape(matrix)[rows, cols] for param, matrix, _, (rows, cols) in self.entries]
         dense = [i for i, view in enumerate(views) if view.is_contiguous()]
         if dense:
@@ -124,7 +125,8 @@ class BlockBucket:
 
     def add_to_params(self, updates: Tensor, alpha: float) -> None:
         """``block_i += alpha * updates[i]`` for every parameter block: one multi-tensor kernel for the contiguous
-        blocks, one ``add_`` for each other block."""
+        blocks (where the parameters have the updates' dtype; torch runs the others one tensor at a time), one
+        ``add_`` for each other block."""
         rows = updates.unbind(0)
         if self._dense:
             torch._foreach_add_([self.param_blocks[i] for i in self._dense], [rows[i] for i in self._dense],

@@ -149,7 +149,8 @@ class ShampooConfig(OptimizerConfig):
     newton_iterations: int = _opt(20, "fixed iteration count of root_inverse=newton")
     stagger_recompute: bool = _opt(True, "spread the root recomputations over the frequency's steps")
     overlap_recompute: bool = _opt(
-        True, "use recomputed roots from the next step; on CUDA computed on a side stream behind forward/backward"
+        True, "use recomputed roots from the next step; on CUDA computed on a side stream behind forward/backward "
+        "(not with root_inverse=eigh)"
     )
     nonfinite: Literal["skip", "error", "apply"] = _opt("skip", "on inf/NaN grads: skip the step, raise, or apply")
 
@@ -175,7 +176,8 @@ class SoapConfig(OptimizerConfig):
     )
     stagger_recompute: bool = _opt(True, "spread the eigenbasis refreshes over the frequency's steps")
     overlap_recompute: bool = _opt(
-        True, "use refreshed eigenbases from the next step; on CUDA refreshed on a side stream behind forward/backward"
+        True, "use refreshed eigenbases from the next step; on CUDA refreshed on a side stream behind "
+        "forward/backward (not with eigenbasis_update=eigh)"
     )
     nonfinite: Literal["skip", "error", "apply"] = _opt("skip", "on inf/NaN grads: skip the step, raise, or apply")
 

@@ -430,9 +430,11 @@ def _check_no_dtensor(name: str, params: list[Tensor]) -> None:
 
 class _KroneckerOptimizer(Optimizer):
     """Step structure, state layout, DDP work split and state loading that :class:`Shampoo` and :class:`Soap`
-    share. A step: (1) ``_accumulate`` per bucket (moments, factors), (2) recompute the due preconditioners, split
-    over the data-parallel ranks and shared in one ``all_reduce``, (3) ``_direction`` per bucket, written into the
-    parameters. Parameters without a matrix view (order 1 after merging) take ``_diagonal_grafting``."""
+    share. A step: (1) ``_accumulate`` per bucket (moments, factors), (2) take in the recomputation launched at the
+    last step (``overlap_recompute``), then recompute the due preconditioners, batched across buckets, split over
+    the data-parallel ranks and shared by one ``all_reduce`` per dtype (in line, or launched for the next step),
+    (3) ``_direction`` per bucket, written into the parameters. Parameters without a matrix view (order 1 after
+    merging) take ``_diagonal_grafting``."""
 
     name: str
     #: Per-block state keys (lists with one tensor per block in each parameter's state).
@@ -447,6 +449,10 @@ class _KroneckerOptimizer(Optimizer):
         #: A recomputation launched at the last step and not yet taken into the state (see :meth:`_recompute`).
         self._pending: tuple[list[tuple[BlockBucket, range]], list[tuple[Tensor, ...]], list[Any]] | None = None
         self._side_streams: dict[torch.device, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        self._finish_recompute()  # a pickled or deep-copied optimizer carries the pending results in its state
+        return super().__getstate__()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -518,6 +524,12 @@ class _KroneckerOptimizer(Optimizer):
     def _is_first_recompute(self, bucket: BlockBucket, group: dict[str, Any]) -> bool:
         """Whether this step's recomputation of ``bucket`` is its first (by eigendecomposition, used at once)."""
         raise NotImplementedError
+
+    def _overlaps(self, bucket: BlockBucket, group: dict[str, Any]) -> bool:
+        """Whether this step's recomputation of ``bucket`` is launched for the next step (``overlap_recompute``):
+        not the first one, and not by ``torch.linalg.eigh``, which synchronises the host with a CUDA device (it
+        could not overlap anything, so it runs in line and is used at once)."""
+        return group.get("overlap_recompute", False) and not self._is_first_recompute(bucket, group)
 
     def _direction(self, bucket: BlockBucket, grads: Tensor, group: dict[str, Any]) -> Tensor:
         raise NotImplementedError
@@ -666,8 +678,7 @@ class _KroneckerOptimizer(Optimizer):
             group = self.param_groups[bucket.group_index]
             selection = self._recompute_selection(bucket, group)
             if selection is not None:
-                later = group.get("overlap_recompute", False) and not self._is_first_recompute(bucket, group)
-                (overlapped if later else due).append((bucket, selection))
+                (overlapped if self._overlaps(bucket, group) else due).append((bucket, selection))
         if due:
             self._accept_recomputed(due, *self._recompute(due, overlap=False))
         if overlapped:
@@ -726,12 +737,13 @@ class _KroneckerOptimizer(Optimizer):
         share of every batch (Shi et al. 2023, Sec. 4) and one ``all_reduce`` (per dtype) of the zero-padded
         results gives every rank all of them.
 
-        With ``overlap`` the inputs are copied first (the factors take the next gradient in place) and, on CUDA,
-        the computation runs on a side stream: it overlaps the next step's forward and backward, and the results
-        are taken in at the next step.
+        With ``overlap`` the results are taken in at the next step; on CUDA the computation runs on a side stream
+        (on a copy of its inputs), overlapping the next step's forward and backward. Memory: the batch's inputs are
+        copied where it has several jobs (all of them on a side stream), and overlapped results (Shampoo ``qr``:
+        roots and bases, twice the due factors) are held until the next step.
         """
         rank, world_size = _rank_and_world_size()
-        jobs = []  # (bucket, selection, inputs)
+        jobs: list[tuple[Tensor, ...]] = []  # the inputs of each job: 2 per due (bucket, selection), left then right
         batches: dict[tuple, list[int]] = {}
         for bucket, selection in due:
             group = self.param_groups[bucket.group_index]
@@ -739,25 +751,28 @@ class _KroneckerOptimizer(Optimizer):
                 key, inputs = self._refresh_job(bucket, group, side, _as_slice(selection))
                 layout = tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in inputs)
                 batches.setdefault((key, layout), []).append(len(jobs))
-                jobs.append((bucket, selection, inputs))
+                jobs.append(inputs)
         computed = []
         streams: dict[torch.device, Any] = {}
         for (key, _), members in batches.items():
-            inputs = [torch.cat(parts) if overlap or len(parts) > 1 else parts[0]
-                      for parts in zip(*(jobs[j][2] for j in members))]
-            device = inputs[0].device
+            sizes = [jobs[j][0].shape[0] for j in members]
+            rows = sum(sizes)
+            share = -(-rows // world_size)
+            owned = slice(min(rank * share, rows), min((rank + 1) * share, rows))
+            parts = _rows_of_members([jobs[j] for j in members], sizes, owned)
+            device = jobs[members[0]][0].device
             stream = self._side_stream(device) if overlap else None
+            # A side stream reads a snapshot: the factors take the next gradient in place while it runs.
+            inputs = [torch.cat(pieces) if stream is not None or len(pieces) > 1 else pieces[0]
+                      for pieces in zip(*parts)]
             if stream is not None:
                 stream.wait_stream(torch.cuda.current_stream(device))
                 for tensor in inputs:
                     tensor.record_stream(stream)
                 streams[device] = stream
-            rows = inputs[0].shape[0]
-            share = -(-rows // world_size)
-            owned = slice(min(rank * share, rows), min((rank + 1) * share, rows))
             # Roots, eigenbases and their products in true fp32 (or fp64), whatever the global TF32 setting.
             with _on_stream(stream), fp32_matmul_precision("ieee"):
-                results = self._refresh(key, tuple(tensor[owned] for tensor in inputs))
+                results = self._refresh(key, tuple(inputs))
                 if world_size > 1:
                     padded = []
                     for tensor in results:
@@ -765,18 +780,17 @@ class _KroneckerOptimizer(Optimizer):
                         full[owned] = tensor
                         padded.append(full)
                     results = tuple(padded)
-            computed.append((members, results))
+            computed.append((members, sizes, results))
         if world_size > 1:
-            tensors = [tensor for _, results in computed for tensor in results]
+            tensors = [tensor for _, _, results in computed for tensor in results]
             with _on_stream(next(iter(streams.values()), None)):
-                for dtype in {tensor.dtype for tensor in tensors}:
+                for dtype in dict.fromkeys(tensor.dtype for tensor in tensors):  # the same order on every rank
                     same = [tensor for tensor in tensors if tensor.dtype == dtype]
                     flat = torch.cat([tensor.reshape(-1) for tensor in same])
                     dist.all_reduce(flat)
                     torch._foreach_copy_(same, [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in same]), same)])
         per_job: list[tuple[Tensor, ...]] = [()] * len(jobs)
-        for members, results in computed:
-            sizes = [jobs[j][2][0].shape[0] for j in members]
+        for members, sizes, results in computed:
             for j, parts in zip(members, zip(*(tensor.split(sizes) for tensor in results))):
                 per_job[j] = parts
         return per_job, [(device, stream.record_event()) for device, stream in streams.items()]
@@ -801,6 +815,18 @@ class _KroneckerOptimizer(Optimizer):
         if self._pending is not None:
             pending, self._pending = self._pending, None
             self._accept_recomputed(*pending)
+
+
+def _rows_of_members(members: list[tuple[Tensor, ...]], sizes: list[int], rows: slice) -> list[tuple[Tensor, ...]]:
+    """The parts of the members' stacked inputs that fall in ``rows`` of their concatenation (a rank's share),
+    without concatenating the rest."""
+    parts, offset = [], 0
+    for inputs, size in zip(members, sizes):
+        start, stop = max(rows.start, offset), min(rows.stop, offset + size)
+        if start < stop:
+            parts.append(tuple(tensor[start - offset:stop - offset] for tensor in inputs))
+        offset += size
+    return parts or [tuple(tensor[:0] for tensor in members[0])]
 
 
 def _on_stream(stream: Any) -> Any:
@@ -871,9 +897,12 @@ class Shampoo(_KroneckerOptimizer):
             steps where ``(t - start) % frequency == i % frequency``) instead of all blocks on one step.
         overlap_recompute: roots recomputed at step :math:`t` (from the factors including :math:`G_t`) are used
             from step :math:`t+1`; on CUDA their computation runs on a side stream, overlapping the next forward
-            and backward. The first recomputation (at the start step) is used at once either way. False: used at
-            step :math:`t`, computed in line. ``state_dict()`` takes a pending result in first, so a resumed run
-            continues exactly.
+            and backward (on the CPU it runs in line, with the same one-step delay, so both compute the same). The
+            first recomputation (at the start step) and ``root_inverse="eigh"`` (``eigh`` synchronises the host
+            with the GPU) are used at once either way. False: used at step :math:`t`, computed in line.
+            ``state_dict()`` (and pickling) take a pending result in first, so a resumed run continues exactly.
+            Under DDP with NCCL the results' ``all_reduce`` is issued from the side stream; the gradient
+            all-reduces of the next backward queue behind it on NCCL's stream (not measured on GPUs yet).
         nonfinite: a step with an inf/NaN gradient: ``"skip"`` (counted in ``nonfinite_skips``, one host sync per
             step), ``"error"`` or ``"apply"`` (no check).
 
@@ -1003,6 +1032,9 @@ class Shampoo(_KroneckerOptimizer):
     def _is_first_recompute(self, bucket, group):
         return bucket.step == self._start(group)
 
+    def _overlaps(self, bucket, group):
+        return super()._overlaps(bucket, group) and group.get("root_inverse", "eigh") != "eigh"
+
     def _refresh_job(self, bucket, group, side, blocks):
         root, eps = group["exponent_override"] or 4, group["preconditioner_eps"]
         # Groups saved before root_inverse existed used eigendecompositions.
@@ -1080,8 +1112,9 @@ class Soap(_KroneckerOptimizer):
     The first moment is kept in the rotated basis and re-projected exactly when the basis changes
     (:math:`m' \leftarrow Q_L'^\top Q_L m' Q_R^\top Q_R'`), which equals the paper's rotation of a first moment
     kept in the original basis. Differences from the reference code, each by one step: the factors take the
-    current gradient before a refresh (so a refreshed basis is used at once), and step 1 updates the parameters
-    (the reference only initialises). Parameters of order 1 after merging take Adam.
+    current gradient before a refresh (with ``overlap_recompute=False`` the refreshed basis is used at once; by
+    default from the next step, as the reference code's), and step 1 updates the parameters (the reference only
+    initialises). Parameters of order 1 after merging take Adam.
 
     Args:
         params, lr, betas (:math:`\beta_1, \beta_2` of Adam), eps, weight_decay (decoupled): as AdamW.
@@ -1089,7 +1122,8 @@ class Soap(_KroneckerOptimizer):
         max_preconditioner_dim, precondition_frequency, preconditioner_dtype, stagger_recompute, nonfinite: as
             :class:`Shampoo`.
         overlap_recompute: as :class:`Shampoo`: an eigenbasis refreshed at step :math:`t` is used (and the second
-            moment permuted to its order) from step :math:`t+1`; the first eigenbasis (step 1) at once.
+            moment permuted to its order) from step :math:`t+1`; the first eigenbasis (step 1) and
+            ``eigenbasis_update="eigh"`` refreshes at once.
         matmul_dtype: ``"tfloat32"`` (default), ``"float32"`` or ``"bfloat16"`` (see :class:`Shampoo`) for the
             factor products :math:`GG^\top, G^\top G`; the refreshes stay true fp32.
         rotation_dtype: the same choices for the four rotations into and out of the eigenbasis per block and step,
@@ -1167,6 +1201,9 @@ class Soap(_KroneckerOptimizer):
 
     def _is_first_recompute(self, bucket, group):
         return bucket.step == 1
+
+    def _overlaps(self, bucket, group):
+        return super()._overlaps(bucket, group) and group["eigenbasis_update"] != "eigh"
 
     def _refresh_job(self, bucket, group, side, blocks):
         factors = bucket.stacks[f"factor_{side}"][blocks]

@@ -56,29 +56,54 @@ def test_cuda_nonfinite_gradient_skips_the_step(name):
     assert all(g["nonfinite_skips"] == 1 for g in opt.param_groups)
 
 
+SIDE_STREAM_SHAPES = [(768, 512), (512, 512), (300, 200), (64,)]
+#: A spin of about 30 ms before every recomputation: it is still running on the side stream when the next step
+#: starts, so a missing wait or an input changed under it cannot go unseen.
+SLEEP_CYCLES = 50_000_000
+
+
+def _train_on_cuda(cls, *, side_stream=True, wait=True, steps=12):
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=generator).cuda().requires_grad_() for s in SIDE_STREAM_SHAPES]
+    grads = [[0.1 * torch.randn(s, generator=generator).cuda() for s in SIDE_STREAM_SHAPES] for _ in range(steps)]
+    optimizer = cls(params, lr=1e-3, max_preconditioner_dim=256, precondition_frequency=2)
+    compute, accept = optimizer._refresh, optimizer._accept_recomputed
+
+    def slow_refresh(key, inputs):
+        torch.cuda._sleep(SLEEP_CYCLES)
+        return compute(key, inputs)
+
+    optimizer._refresh = slow_refresh
+    if not side_stream:
+        optimizer._side_stream = lambda device: None
+    if not wait:  # the negative control: take the results in without waiting for the side stream
+        optimizer._accept_recomputed = lambda due, per_job, events: accept(due, per_job, [])
+    for step_grads in grads:
+        for param, grad in zip(params, step_grads):
+            param.grad = grad
+        optimizer.step()
+    torch.cuda.synchronize()
+    return [param.detach().cpu() for param in params], optimizer
+
+
 @cuda
 @pytest.mark.parametrize("cls", [Shampoo, Soap])
 def test_side_stream_recomputation_equals_the_same_schedule_on_the_main_stream(cls):
-    """Blocks large enough that a recomputation is still running on the side stream when the next step starts; a
-    missing wait or an input changed under it would show far above rounding against the same schedule computed on
-    the main stream (same kernels, same order). CPU against GPU is not compared here: the factors of blocks with
-    fewer gradient rows than columns have degenerate eigenspaces, whose bases legitimately differ by device."""
-    generator = torch.Generator().manual_seed(0)
-    shapes = [(768, 512), (512, 512), (300, 200), (64,)]
-    inits = [torch.randn(s, generator=generator) for s in shapes]
-    grads = [[0.1 * torch.randn(s, generator=generator) for s in shapes] for _ in range(12)]
-    results = {}
-    for side_stream in (True, False):
-        params = [init.to("cuda", copy=True).requires_grad_() for init in inits]
-        optimizer = cls(params, lr=1e-3, max_preconditioner_dim=256, precondition_frequency=2)
-        if not side_stream:
-            optimizer._side_stream = lambda device: None
-        for step_grads in grads:
-            for param, grad in zip(params, step_grads):
-                param.grad = grad.to("cuda")
-            optimizer.step()
-        assert optimizer.preconditioner_failures() == 0
-        assert bool(optimizer._side_streams) == side_stream
-        results[side_stream] = [param.detach().cpu() for param in params]
-    for overlapped, in_line, init in zip(results[True], results[False], inits):
-        torch.testing.assert_close(overlapped - init, in_line - init, rtol=1e-6, atol=1e-8)
+    """Same kernels in the same order, with the recomputations on a side stream or on the main stream: equal. CPU
+    against GPU is not compared here: the factors of blocks with fewer gradient rows than columns have degenerate
+    eigenspaces, whose bases legitimately differ by device."""
+    overlapped, optimizer = _train_on_cuda(cls)
+    assert optimizer.preconditioner_failures() == 0 and optimizer._side_streams
+    in_line, optimizer = _train_on_cuda(cls, side_stream=False)
+    assert not optimizer._side_streams
+    for got, expected in zip(overlapped, in_line):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
+@cuda
+@pytest.mark.parametrize("cls", [Shampoo, Soap])
+def test_without_the_event_wait_the_side_stream_results_are_wrong(cls):
+    """The control for the test above: it would catch a missing wait."""
+    in_line, _ = _train_on_cuda(cls, side_stream=False)
+    unsynchronised, _ = _train_on_cuda(cls, wait=False)
+    assert any(not torch.allclose(got, expected, rtol=1e-3, atol=1e-5) for got, expected in zip(unsynchronised, in_line))

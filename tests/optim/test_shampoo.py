@@ -81,7 +81,8 @@ def graft_direction(m, v, grafting, eps, bc2):
 
 def reference_shampoo(params, grads_per_step, hp):
     """Shampoo with grafting (Shi et al. 2023, Alg. 1), one block at a time, float64, explicit matrix roots; with
-    ``overlap_recompute`` (default) roots recomputed at step t after the start step are used from step t+1."""
+    ``overlap_recompute`` (default; not with ``root_inverse="eigh"``, which runs in line) roots recomputed at step t
+    after the start step are used from step t+1."""
     lr, (beta1, beta2), eps, wd = hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"]
     grafting, beta_s = hp["grafting"], hp["shampoo_beta"]
     frequency = hp["precondition_frequency"]
@@ -121,7 +122,7 @@ def reference_shampoo(params, grads_per_step, hp):
                     s["rootL"], s["rootR"] = s.pop("pending")
                 if recompute:
                     roots = tuple(inverse_root(s[side], hp["preconditioner_eps"], root) for side in ("L", "R"))
-                    if hp.get("overlap_recompute", True) and t != start:
+                    if hp.get("overlap_recompute", True) and hp.get("root_inverse", "qr") != "eigh" and t != start:
                         s["pending"] = roots
                     else:
                         s["rootL"], s["rootR"] = roots
@@ -150,9 +151,13 @@ SHAMPOO_CASES = {
     "none": {"grafting": "none", "lr": 0.005, "exponent_override": 2},
     "l2_decay_start_1": {"weight_decay": 0.1, "decoupled_weight_decay": False, "start_preconditioning_step": 1},
     "decoupled_decay": {"weight_decay": 0.1, "start_preconditioning_step": 2, "precondition_frequency": 2},
-    "in_line_recompute": {"overlap_recompute": False},
-    "in_line_every_step": {"overlap_recompute": False, "precondition_frequency": 1, "start_preconditioning_step": 1},
-    "overlapped_every_step": {"precondition_frequency": 1, "start_preconditioning_step": 1},
+    # root_inverse="eigh" (the base) always runs in line; Newton (float64, exact here) overlaps by default.
+    "newton_overlapped": {"root_inverse": "newton"},
+    "newton_in_line": {"root_inverse": "newton", "overlap_recompute": False},
+    "newton_overlapped_every_step": {"root_inverse": "newton", "precondition_frequency": 1,
+                                     "start_preconditioning_step": 1},
+    "newton_in_line_every_step": {"root_inverse": "newton", "overlap_recompute": False, "precondition_frequency": 1,
+                                  "start_preconditioning_step": 1},
 }
 
 
@@ -224,7 +229,7 @@ def reference_soap(params, grads_per_step, hp):
                         P, Q = s[side], s["Q" + side]
                         order = torch.diag(Q.T @ P @ Q).argsort(descending=True)
                         refreshed.append((side, dim, order, torch.linalg.qr(P @ Q[:, order])[0]))
-                    if hp.get("overlap_recompute", True):
+                    if hp.get("overlap_recompute", True) and hp.get("eigenbasis_update", "qr") != "eigh":
                         s["pending"] = refreshed
                     else:
                         for side, dim, order, basis in refreshed:
@@ -360,8 +365,7 @@ def _train(cls, options, grads, tensors, optimizer=None):
 
 @pytest.mark.parametrize("cls", [Shampoo, Soap])
 def test_resume_from_state_dict_is_exact(cls):
-    options = {**(SHAMPOO_BASE if cls is Shampoo else SOAP_BASE), "stagger_recompute": True,
-               "preconditioner_dtype": "float32"}
+    options = _qr_options(cls)
     params, grads = make_problem()
     straight = {n: v.float().requires_grad_() for n, v in params.items()}
     _train(cls, options, grads, straight)
@@ -380,6 +384,40 @@ def test_resume_from_state_dict_is_exact(cls):
     for name in SHAPES:
         assert torch.equal(resumed[name], straight[name]), name
     assert fresh.state[resumed["w1"]]["preconditioner_failures"][0].dtype == torch.int64
+
+
+def _qr_options(cls):
+    options = {**SHAMPOO_BASE, "root_inverse": "qr"} if cls is Shampoo else SOAP_BASE
+    return {**options, "stagger_recompute": True, "preconditioner_dtype": "float32"}
+
+
+@pytest.mark.parametrize("cls", [Shampoo, Soap])
+def test_deep_copy_carries_a_pending_recomputation(cls):
+    params, grads = make_problem()
+    straight = {n: v.float().requires_grad_() for n, v in params.items()}
+    _train(cls, _qr_options(cls), grads, straight)
+    first = {n: v.float().requires_grad_() for n, v in params.items()}
+    optimizer = _train(cls, _qr_options(cls), grads[:5], first)
+    assert optimizer._pending is not None
+    copied, copied_optimizer = copy.deepcopy((first, optimizer))
+    _train(cls, _qr_options(cls), grads[5:], copied, copied_optimizer)
+    for name in SHAPES:
+        assert torch.equal(copied[name], straight[name]), name
+
+
+@pytest.mark.parametrize("cls", [Shampoo, Soap])
+def test_skipped_step_while_a_recomputation_is_pending_equals_dropping_it(cls):
+    params, grads = make_problem()
+    dropped = {n: v.float().requires_grad_() for n, v in params.items()}
+    _train(cls, _qr_options(cls), grads[:5] + grads[6:], dropped)
+    skipped = {n: v.float().requires_grad_() for n, v in params.items()}
+    optimizer = _train(cls, _qr_options(cls), grads[:5], skipped)
+    assert optimizer._pending is not None
+    nonfinite = {name: torch.full_like(grad, float("nan")) for name, grad in grads[5].items()}
+    _train(cls, _qr_options(cls), [nonfinite] + grads[6:], skipped, optimizer)
+    assert optimizer.param_groups[0]["nonfinite_skips"] == 1
+    for name in SHAPES:
+        assert torch.equal(skipped[name], dropped[name]), name
 
 
 def test_state_loads_onto_other_parameter_dtype():
@@ -669,12 +707,12 @@ def test_switching_a_group_to_qr_starts_its_bases_from_eigendecompositions():
 
 @pytest.mark.parametrize("case", ["adam", "none", "l2_decay_start_1"])
 def test_shampoo_eigh_and_newton_both_match_the_reference(case):
-    hp = {**SHAMPOO_BASE, **SHAMPOO_CASES[case]}
-    params, grads = make_problem()
-    expected = reference_shampoo(params, grads, hp)
     for method in ("eigh", "newton"):
+        hp = {**SHAMPOO_BASE, **SHAMPOO_CASES[case], "root_inverse": method}
+        params, grads = make_problem()
+        expected = reference_shampoo(params, grads, hp)
         params, grads = make_problem()  # run() updates float64 params in place
-        tensors, optimizer = run(Shampoo, params, grads, {**hp, "root_inverse": method})
+        tensors, optimizer = run(Shampoo, params, grads, hp)
         for name, tensor in tensors.items():
             torch.testing.assert_close(tensor.detach(), expected[name], rtol=1e-9, atol=1e-10, msg=(method, name))
         assert optimizer.preconditioner_failures() == 0

@@ -16,6 +16,8 @@ rows to OUT/kfac_quality.json.
     python benchmarks/kfac_quality.py [--tasks bbc digits] [--out runs/kfac_quality]     # GPU, about 3-4 minutes
     python benchmarks/kfac_quality.py --tasks fashion_mnist --threads 2                   # CPU, about 15 minutes
     python benchmarks/kfac_quality.py --tiny                                           # CPU smoke test, ~1 minute
+    python benchmarks/kfac_quality.py --tasks bbc --kfac-options "factor_interval=10,inverse_interval=10,damping=0.1" \
+        --lrs kfac=1e-4,2e-4,4e-4                                                       # a K-FAC setting and grid
 """
 
 import argparse
@@ -94,14 +96,14 @@ def image_task(task, device, tiny):
     return make_model, train, evaluation, loss
 
 
-def make_optimizer(name, lr, model):
+def make_optimizer(name, lr, model, kfac_options=KFAC_OPTIONS):
     import hf_colossal
 
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-    return hf_colossal.build_optimizer("kfac", model, lr=lr, weight_decay=0.01, options=KFAC_OPTIONS)
+    return hf_colossal.build_optimizer("kfac", model, lr=lr, weight_decay=0.01, options=kfac_options)
 
 
 def evaluate(model, evaluation, loss, batch):
@@ -114,12 +116,12 @@ def evaluate(model, evaluation, loss, batch):
     return total / n
 
 
-def run(task, name, lr, setup, settings, device):
+def run(task, name, lr, setup, settings, device, kfac_options=KFAC_OPTIONS):
     make_model, train, evaluation, loss = setup
     torch.manual_seed(0)
     model = make_model()
     model.train()
-    optimizer = make_optimizer(name, lr, model)
+    optimizer = make_optimizer(name, lr, model, kfac_options)
     generator = torch.Generator().manual_seed(1)
     curve, train_seconds = [], 0.0
     n = train[-1].shape[0]
@@ -137,7 +139,8 @@ def run(task, name, lr, setup, settings, device):
         if step % settings["eval_every"] == 0:
             curve.append({"step": step, "seconds": round(train_seconds, 3),
                           "eval_loss": evaluate(model, evaluation, loss, 2 * settings["batch"])})
-    return {"task": task, "optimizer": name, "lr": lr, "curve": curve}
+    return {"task": task, "optimizer": name, "lr": lr, "options": kfac_options if name == "kfac" else "",
+            "curve": curve}
 
 
 def summarise(rows, steps):
@@ -162,6 +165,9 @@ def main():
     parser.add_argument("--out", default="runs/kfac_quality")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized smoke run (few steps, one LR each)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--kfac-options", default=KFAC_OPTIONS, help=f"optim_args of the K-FAC runs ({KFAC_OPTIONS})")
+    parser.add_argument("--lrs", nargs="*", default=[], metavar="NAME=LR,LR",
+                        help="replace an optimizer's learning-rate grid, e.g. kfac=1e-4,2e-4 (adamw, sgd, kfac)")
     ns = parser.parse_args()
     if ns.threads:
         torch.set_num_threads(ns.threads)
@@ -173,8 +179,14 @@ def main():
     for task in ns.tasks:
         settings = {**TASKS[task], **(TINY[task] if ns.tiny else {})}
         grid = {name: lrs[1:2] if ns.tiny else lrs for name, lrs in TASKS[task]["grid"].items()}
+        for override in ns.lrs:
+            name, _, values = override.partition("=")
+            if name not in grid:
+                parser.error(f"--lrs {override}: {name!r} is not an optimizer of task {task} ({', '.join(grid)})")
+            grid[name] = tuple(float(v) for v in values.split(","))
         setup = bbc_task(device, ns.tiny) if task == "bbc" else image_task(task, device, ns.tiny)
-        rows = [run(task, name, lr, setup, settings, device) for name, lrs in grid.items() for lr in lrs]
+        rows = [run(task, name, lr, setup, settings, device, ns.kfac_options)
+                for name, lrs in grid.items() for lr in lrs]
         target, lines = summarise(rows, settings["steps"])
         plot(task, rows, target, out)
         print(f"{task}: target eval loss {target:.4f}", flush=True)

@@ -76,6 +76,10 @@ ROOT_INVERSES = ("qr", "newton", "eigh")
 #: newton_inverse_root); the power step of an eigenbasis refresh shifts by it too (see refresh_eigenbasis).
 RELATIVE_RIDGE = 1e-6
 EIGENBASIS_UPDATES = ("qr", "eigh")
+#: A recomputation batch is computed in chunks of at most this many bytes of one float64 factor stack (64 factors
+#: of 1024 x 1024): the batch's copies and float64 temporaries stay bounded however many factors fall due at once
+#: (every factor of the model at the first recomputation).
+RECOMPUTE_CHUNK_BYTES = 2**29
 _NONFINITE_POLICIES = ("skip", "error", "apply")
 
 
@@ -738,9 +742,10 @@ class _KroneckerOptimizer(Optimizer):
         results gives every rank all of them.
 
         With ``overlap`` the results are taken in at the next step; on CUDA the computation runs on a side stream
-        (on a copy of its inputs), overlapping the next step's forward and backward. Memory: the batch's inputs are
-        copied where it has several jobs (all of them on a side stream), and overlapped results (Shampoo ``qr``:
-        roots and bases, twice the due factors) are held until the next step.
+        (on a copy of its inputs), overlapping the next step's forward and backward. Memory: a batch runs in chunks
+        of at most :data:`RECOMPUTE_CHUNK_BYTES` per float64 factor stack; a chunk's inputs are copied where it
+        has several jobs (always on a side stream); overlapped results (Shampoo ``qr``: roots and bases, twice the
+        due factors) are held until the next step.
         """
         rank, world_size = _rank_and_world_size()
         jobs: list[tuple[Tensor, ...]] = []  # the inputs of each job: 2 per due (bucket, selection), left then right
@@ -759,27 +764,37 @@ class _KroneckerOptimizer(Optimizer):
             rows = sum(sizes)
             share = -(-rows // world_size)
             owned = slice(min(rank * share, rows), min((rank + 1) * share, rows))
-            parts = _rows_of_members([jobs[j] for j in members], sizes, owned)
             device = jobs[members[0]][0].device
             stream = self._side_stream(device) if overlap else None
-            # A side stream reads a snapshot: the factors take the next gradient in place while it runs.
-            inputs = [torch.cat(pieces) if stream is not None or len(pieces) > 1 else pieces[0]
-                      for pieces in zip(*parts)]
             if stream is not None:
-                stream.wait_stream(torch.cuda.current_stream(device))
-                for tensor in inputs:
-                    tensor.record_stream(stream)
                 streams[device] = stream
-            # Roots, eigenbases and their products in true fp32 (or fp64), whatever the global TF32 setting.
-            with _on_stream(stream), fp32_matmul_precision("ieee"):
-                results = self._refresh(key, tuple(inputs))
-                if world_size > 1:
-                    padded = []
-                    for tensor in results:
-                        full = torch.zeros((rows, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-                        full[owned] = tensor
-                        padded.append(full)
-                    results = tuple(padded)
+            side = jobs[members[0]][0].shape[-1]
+            chunk = max(1, RECOMPUTE_CHUNK_BYTES // (8 * side * side))
+            windows = [slice(start, min(start + chunk, owned.stop)) for start in range(owned.start, owned.stop, chunk)]
+            # Results land in one tensor per output: this rank's rows, or all rows zero-padded for the all_reduce.
+            offset = 0 if world_size > 1 else owned.start
+            results = None
+            for window in windows or [owned]:
+                parts = _rows_of_members([jobs[j] for j in members], sizes, window)
+                # A side stream reads a snapshot: the factors take the next gradient in place while it runs.
+                inputs = [torch.cat(pieces) if stream is not None or len(pieces) > 1 else pieces[0]
+                          for pieces in zip(*parts)]
+                if stream is not None:
+                    stream.wait_stream(torch.cuda.current_stream(device))
+                    for tensor in inputs:
+                        tensor.record_stream(stream)
+                # Roots, eigenbases and their products in true fp32 (or fp64), whatever the global TF32 setting.
+                with _on_stream(stream), fp32_matmul_precision("ieee"):
+                    window_results = self._refresh(key, tuple(inputs))
+                    if world_size == 1 and len(windows) <= 1:
+                        results = window_results
+                        continue
+                    if results is None:
+                        length = rows if world_size > 1 else owned.stop - owned.start
+                        results = tuple(torch.zeros((length, *t.shape[1:]), dtype=t.dtype, device=t.device)
+                                        for t in window_results)
+                    for out, tensor in zip(results, window_results):
+                        out[window.start - offset:window.stop - offset] = tensor
             computed.append((members, sizes, results))
         if world_size > 1:
             tensors = [tensor for _, _, results in computed for tensor in results]

@@ -295,6 +295,34 @@ def test_recomputation_runs_one_batch_per_factor_size_across_buckets_and_sides(c
     assert sorted(calls) == [(1, 2), (2, 2), (3, 3), (4, 7)]
 
 
+@pytest.mark.parametrize("cls, options", [(Shampoo, {**SHAMPOO_BASE, "root_inverse": "qr"}), (Soap, SOAP_BASE)])
+def test_recomputation_in_chunks_of_one_factor_gives_the_same_result(cls, options, monkeypatch):
+    from hf_colossal.optim import shampoo
+
+    results = []
+    for chunk_bytes in (shampoo.RECOMPUTE_CHUNK_BYTES, 1):
+        monkeypatch.setattr(shampoo, "RECOMPUTE_CHUNK_BYTES", chunk_bytes)
+        params, grads = make_problem()
+        tensors = [value.requires_grad_() for value in params.values()]
+        optimizer = cls(tensors, **options)
+        calls, compute = [], optimizer._refresh
+
+        def refresh(key, inputs):
+            calls.append(inputs[0].shape[0])
+            return compute(key, inputs)
+
+        optimizer._refresh = refresh
+        for grad in grads:
+            for tensor, value in zip(tensors, grad.values()):
+                tensor.grad = value
+            optimizer.step()
+        results.append(([t.detach().clone() for t in tensors], calls))
+    (chunked_once, calls), (one_by_one, single_calls) = results
+    assert set(single_calls) == {1} and sum(single_calls) == sum(calls) and max(calls) > 1
+    for got, expected in zip(one_by_one, chunked_once):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("failure", ["raises", "nonfinite"])
 @pytest.mark.parametrize("cls", [Shampoo, Soap])
 def test_failed_decomposition_keeps_previous_preconditioner_and_counts(cls, failure, monkeypatch):

@@ -98,8 +98,7 @@ class BlockBucket:
         self.param_blocks = [param.view(matrix)[rows, cols] for param, matrix, _, (rows, cols) in entries]
         #: Which blocks are contiguous views (whole rows of their parameter): a multi-tensor kernel reads or writes
         #: them all at once; the others (column blocks) take one copy each.
-        self._dense = [i for i, view in enumerate(self.param_blocks) if view.is_contiguous()]
-        self._strided = [i for i, view in enumerate(self.param_blocks) if not view.is_contiguous()]
+        self._dense, self._strided = _split_by_contiguity(self.param_blocks)
         first = entries[0][0]
         self.math_dtype = torch.float32 if first.dtype in (torch.float16, torch.bfloat16) else first.dtype
         self._gathered = torch.empty((len(entries), *shape), dtype=self.math_dtype, device=first.device)
@@ -113,14 +112,11 @@ class BlockBucket:
         one multi-tensor copy for the blocks whose gradient views are contiguous, one copy for each other block.
         (Gradients may be laid out unlike their parameters, so this split is taken per call.)"""
         views = [param.grad.reshape(matrix)[rows, cols] for param, matrix, _, (rows, cols) in self.entries]
-        dense = [i for i, view in enumerate(views) if view.is_contiguous()]
+        dense, strided = _split_by_contiguity(views)
         if dense:
             torch._foreach_copy_([self._gathered_blocks[i] for i in dense], [views[i] for i in dense])
-        if len(dense) < len(views):
-            dense_set = set(dense)
-            for i, view in enumerate(views):
-                if i not in dense_set:
-                    self._gathered_blocks[i].copy_(view)
+        for i in strided:
+            self._gathered_blocks[i].copy_(views[i])
         return self._gathered
 
     def add_to_params(self, updates: Tensor, alpha: float) -> None:
@@ -133,3 +129,9 @@ class BlockBucket:
                                 alpha=alpha)
         for i in self._strided:
             self.param_blocks[i].add_(rows[i], alpha=alpha)
+
+
+def _split_by_contiguity(tensors: list[Tensor]) -> tuple[list[int], list[int]]:
+    """The indices of the contiguous tensors (a multi-tensor kernel takes them all) and of the others."""
+    dense = [i for i, tensor in enumerate(tensors) if tensor.is_contiguous()]
+    return dense, [i for i, tensor in enumerate(tensors) if not tensor.is_contiguous()]

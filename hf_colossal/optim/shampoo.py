@@ -531,8 +531,8 @@ class _KroneckerOptimizer(Optimizer):
 
     def _overlaps(self, bucket: BlockBucket, group: dict[str, Any]) -> bool:
         """Whether this step's recomputation of ``bucket`` is launched for the next step (``overlap_recompute``):
-        not the first one, and not by ``torch.linalg.eigh``, which synchronises the host with a CUDA device (it
-        could not overlap anything, so it runs in line and is used at once)."""
+        not the first one. Subclasses also keep their ``torch.linalg.eigh`` recomputations in line: ``eigh``
+        synchronises the host with a CUDA device, so it could not overlap anything."""
         return group.get("overlap_recompute", False) and not self._is_first_recompute(bucket, group)
 
     def _direction(self, bucket: BlockBucket, grads: Tensor, group: dict[str, Any]) -> Tensor:

@@ -1,4 +1,5 @@
-"""The problem and assertions the Lamb and Lars tests share."""
+"""The problem and assertions the Lamb and Lars tests share, and a probe of Shampoo / SOAP's batched
+recomputations."""
 
 import copy
 
@@ -8,6 +9,19 @@ import torch
 def snapshot(optimizer, tensors):
     """Copies of the named tensors and of the optimizer's state, to compare after a step."""
     return {name: t.detach().clone() for name, t in tensors.items()}, copy.deepcopy(optimizer.state_dict()["state"])
+
+
+def record_refresh_batches(optimizer):
+    """Wrap a Shampoo / SOAP optimizer's batched preconditioner computation (``_refresh``); returns the list to
+    which every call appends (factor size, factors in the batch)."""
+    batches, compute = [], optimizer._refresh
+
+    def refresh(key, inputs):
+        batches.append((inputs[0].shape[-1], inputs[0].shape[0]))
+        return compute(key, inputs)
+
+    optimizer._refresh = refresh
+    return batches
 
 
 def assert_state_equal(left, right):

@@ -19,6 +19,8 @@ from hf_colossal.optim import Shampoo, Soap
 from hf_colossal.optim._blocks import block_slices, matrix_shape, merge_small_dims
 from hf_colossal.optim.shampoo import recompute_selection
 
+from .helpers import record_refresh_batches
+
 MAX_DIM = 4
 # w1: blocks of 4x4, 4x1, 2x4, 2x1; w2 (1, 3, 4): a 3x4 matrix once the size-1 dimension goes; w3 (3, 2, 2, 2):
 # merged to (3, 4, 2), preconditioned as 3x8 (two 3x4 blocks); b1: 1-D, the diagonal path.
@@ -280,13 +282,7 @@ def test_recomputation_runs_one_batch_per_factor_size_across_buckets_and_sides(c
     params, grads = make_problem()
     tensors = [value.requires_grad_() for value in params.values()]
     optimizer = cls(tensors, **options)
-    calls, compute = [], optimizer._refresh
-
-    def refresh(key, inputs):
-        calls.append((inputs[0].shape[-1], inputs[0].shape[0]))
-        return compute(key, inputs)
-
-    optimizer._refresh = refresh
+    calls = record_refresh_batches(optimizer)
     for grad in grads[:steps]:
         for tensor, value in zip(tensors, grad.values()):
             tensor.grad = value
@@ -305,18 +301,12 @@ def test_recomputation_in_chunks_of_one_factor_gives_the_same_result(cls, option
         params, grads = make_problem()
         tensors = [value.requires_grad_() for value in params.values()]
         optimizer = cls(tensors, **options)
-        calls, compute = [], optimizer._refresh
-
-        def refresh(key, inputs):
-            calls.append(inputs[0].shape[0])
-            return compute(key, inputs)
-
-        optimizer._refresh = refresh
+        batches = record_refresh_batches(optimizer)
         for grad in grads:
             for tensor, value in zip(tensors, grad.values()):
                 tensor.grad = value
             optimizer.step()
-        results.append(([t.detach().clone() for t in tensors], calls))
+        results.append(([t.detach().clone() for t in tensors], [count for _, count in batches]))
     (chunked_once, calls), (one_by_one, single_calls) = results
     assert set(single_calls) == {1} and sum(single_calls) == sum(calls) and max(calls) > 1
     for got, expected in zip(one_by_one, chunked_once):

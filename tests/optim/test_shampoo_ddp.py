@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from hf_colossal.registry import build_optimizer
 
 from .distributed import batches, gloo_process_group, model, train
+from .helpers import record_refresh_batches
 
 OPTIONS = {
     "shampoo": dict(lr=1e-2, weight_decay=0.01,
@@ -26,27 +27,15 @@ OPTIONS = {
 STEPS, BATCH = 6, 16
 
 
-def _count_computed_blocks(optimizer):
-    """Wrap the optimizer's preconditioner computation to count the factors (two per block) this process computes."""
-    counted = {"blocks": 0}
-    compute = optimizer._refresh
-
-    def refresh(key, inputs):
-        counted["blocks"] += inputs[0].shape[0]
-        return compute(key, inputs)
-
-    optimizer._refresh = refresh
-    return counted
-
-
 def _worker(rank, world_size, port, folder):
     with gloo_process_group(rank, world_size, port):
         for name in OPTIONS:
             net = model()
             optimizer = build_optimizer(name, net, **OPTIONS[name])
-            counted = _count_computed_blocks(optimizer)
+            computed = record_refresh_batches(optimizer)
             train(DistributedDataParallel(net), optimizer, batches(STEPS, BATCH))
-            (folder / f"{name}_blocks{rank}.json").write_text(json.dumps(counted["blocks"]))
+            factors = sum(count for _, count in computed)  # two per block
+            (folder / f"{name}_blocks{rank}.json").write_text(json.dumps(factors))
             if rank == 0:
                 torch.save([p.detach() for p in net.parameters()], folder / f"{name}.pt")
 
@@ -64,10 +53,11 @@ def test_ddp_splits_the_work_and_matches_single_process(name, ddp_results, one_t
     # one thread, as the workers: the same summation order in every kernel
     reference = model()
     optimizer = build_optimizer(name, reference, **OPTIONS[name])
-    counted = _count_computed_blocks(optimizer)
+    computed = record_refresh_batches(optimizer)
     train(reference, optimizer, batches(STEPS, BATCH))
+    factors = sum(count for _, count in computed)
     for got, expected in zip(torch.load(ddp_results / f"{name}.pt"), reference.parameters()):
         torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=2e-6)
     per_rank = [json.loads((ddp_results / f"{name}_blocks{rank}.json").read_text()) for rank in range(2)]
-    assert sum(per_rank) == counted["blocks"] > 0
-    assert max(per_rank) <= counted["blocks"] * 0.6  # each rank computed about half
+    assert sum(per_rank) == factors > 0
+    assert max(per_rank) <= factors * 0.6  # each rank computed about half

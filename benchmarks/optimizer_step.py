@@ -2,7 +2,8 @@
 
 Same model, data and loop for every optimizer, each in a fresh process (as ../shared/bench/anchor_steps.py
 measured the peers). Whole step = forward + backward (bf16 autocast, fp32 params) + optimizer.step +
-zero_grad; "opt ms" is the part from the end of backward to the end of zero_grad, timed with CUDA events. The
+zero_grad; "opt ms" is the part from the end of backward to the end of zero_grad, "fwd bwd ms" the part before it
+(longer where a side stream competes with the forward and backward), timed with CUDA events. The
 timed steps run back to back without a device sync (as a training loop does), so work an optimizer puts on a side
 stream overlaps the next step as it would in training; "step ms mean" is the first timed step's start to the last
 one's end, over the number of steps.
@@ -21,7 +22,8 @@ optimizers forced onto the torch._foreach_* path (fused=False).
 Shampoo / SOAP (names ending in _f10 / _f100: preconditioners recomputed every 10 / 100 steps, blocks of 1024):
 ours ("shampoo_*", "soap_*"; suffixes "_bf16" / "_fp32" = matmul_dtype=bfloat16 / float32 instead of the default
 tfloat32, "_eigh" / "_newton" = root_inverse=eigh / newton instead of the default qr, "_rtf32" = SOAP's
-rotation_dtype=tfloat32, "_apply" = nonfinite=apply (no non-finite check), e.g. "shampoo_f10_eigh_fp32"), pytorch-optimizer's SOAP ("po_soap") and Meta's
+rotation_dtype=tfloat32, "_apply" = nonfinite=apply (no non-finite check), "_inline" = overlap_recompute=False,
+"_together" = stagger_recompute=False (all blocks on one step of each period), e.g. "shampoo_f10_eigh_fp32"), pytorch-optimizer's SOAP ("po_soap") and Meta's
 distributed_shampoo ("meta_*", imported from the folder in $HF_COLOSSAL_PEERS, e.g. a checkout's root, with the
 settings of ../shared/bench/anchor_steps.py). Their timing starts after the first preconditioned step (warm-up
 f + 5 steps) and runs over a whole number of recompute periods (60 steps for f10, 200 for f100), so the reported
@@ -29,7 +31,7 @@ means are amortized steady-state steps; compare "step ms mean" (and its ratio to
 
 "opt host ms" is the host's wall time of ``step()`` + ``zero_grad()``. It includes any wait for the GPU inside the
 step: ``nonfinite="skip"`` reads a flag, so the host waits there for the backward to finish. ``--profile DIR`` runs one more recompute
-period (10 steps for the others) under ``torch.profiler`` and writes ``DIR/<name>_profile.txt``: the ops by
+period (at most 20 steps; 10 for the others) under ``torch.profiler`` and writes ``DIR/<name>_profile.txt``: the ops by
 total GPU time and by host time.
 
 K-FAC ("kfac_f10": ours, factors and inverses every 10 steps, lm_head left to the base rule; "kfac_pytorch_f10":
@@ -55,7 +57,8 @@ BYTES_PER_PARAM = {"adamw_fused": 28, "lamb": 28, "lamb_apply": 28, "lamb_foreac
 
 
 SUFFIX_OPTIONS = {"bf16": "matmul_dtype=bfloat16", "fp32": "matmul_dtype=float32", "eigh": "root_inverse=eigh",
-                  "newton": "root_inverse=newton", "rtf32": "rotation_dtype=tfloat32", "apply": "nonfinite=apply"}
+                  "newton": "root_inverse=newton", "rtf32": "rotation_dtype=tfloat32", "apply": "nonfinite=apply",
+                  "inline": "overlap_recompute=False", "together": "stagger_recompute=False"}
 
 
 def is_second_order(name):
@@ -172,7 +175,7 @@ def profile_steps(run_step, steps, path):
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(steps):
             run_step()
         torch.cuda.synchronize()
@@ -182,6 +185,9 @@ def profile_steps(run_step, steps, path):
         out.write(averages.table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
         out.write("\n\nby self host time\n")
         out.write(averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
+        out.write("\n\nby total GPU time and input shapes\n")
+        out.write(prof.key_averages(group_by_input_shape=True).table(
+            sort_by="cuda_time_total", row_limit=40, max_name_column_width=40, max_shapes_column_width=90))
 
 
 def one(name, kind, steps=60, warm=5, profile_dir=None):
@@ -226,11 +232,12 @@ def one(name, kind, steps=60, warm=5, profile_dir=None):
     torch.cuda.synchronize()
     step_ms = [start.elapsed_time(end) for start, _, end in timed]
     opt_ms = [mid.elapsed_time(end) for _, mid, end in timed]
+    forward_backward_ms = [start.elapsed_time(mid) for start, mid, _ in timed]
     total_ms = timed[0][0].elapsed_time(timed[-1][2])
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
     if profile_dir:
         batches = iter(range(warm + steps, 10**9))
-        profile_steps(lambda: run_step(data[next(batches) % 4]), frequency or 10,
+        profile_steps(lambda: run_step(data[next(batches) % 4]), min(frequency or 10, 20),
                       os.path.join(profile_dir, f"{name}_profile.txt"))
     median = sorted(step_ms)[len(step_ms) // 2]
     return dict(name=name, model=kind, params_M=round(n_params / 1e6, 1), step_ms_median=round(median, 2),
@@ -238,6 +245,7 @@ def one(name, kind, steps=60, warm=5, profile_dir=None):
                 opt_ms_mean=round(sum(opt_ms) / len(opt_ms), 3),
                 opt_ms_median=round(sorted(opt_ms)[len(opt_ms) // 2], 3),
                 opt_host_ms_mean=round(sum(opt_host_ms) / len(opt_host_ms), 3),
+                fwd_bwd_ms_mean=round(sum(forward_backward_ms) / len(forward_backward_ms), 2),
                 peak_GiB=round(peak_gib, 2), final_loss=round(loss.item(), 3))
 
 

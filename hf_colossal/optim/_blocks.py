@@ -17,6 +17,8 @@ those tensors are views of its stacked tensors, and a bucket is rebuilt from the
 from __future__ import annotations
 
 import math
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -103,6 +105,9 @@ class BlockBucket:
         self.math_dtype = torch.float32 if first.dtype in (torch.float16, torch.bfloat16) else first.dtype
         self._gathered = torch.empty((len(entries), *shape), dtype=self.math_dtype, device=first.device)
         self._gathered_blocks = self._gathered.unbind(0)
+        #: A CUDA event recorded on another stream after its last read of the gathered gradients (see
+        #: :meth:`gather_grads`), or None.
+        self.gathered_read: Any = None
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -110,8 +115,12 @@ class BlockBucket:
     def gather_grads(self) -> Tensor:
         """The gradient of every block, copied into the persistent ``(n, rows, cols)`` buffer in the math dtype:
         one multi-tensor copy for the blocks whose gradient views are contiguous, one copy for each other block.
-        (Gradients may be laid out unlike their parameters, so this split is taken per call.)"""
-        views = [param.grad.reshape(matrix)[rows, cols] for param, matrix, _, (rows, cols) in self.entries]
+        (Gradients may be laid out unlike their parameters, so this split is taken per call.) Where another stream
+        still reads the last gradients (``gathered_read``), the current stream waits for it first."""
+        if self.gathered_read is not None:
+            torch.cuda.current_stream(self._gathered.device).wait_event(self.gathered_read)
+            self.gathered_read = None
+        views = [_block_view(param.grad, matrix, rows, cols) for param, matrix, _, (rows, cols) in self.entries]
         dense, strided = _split_by_contiguity(views)
         if dense:
             torch._foreach_copy_([self._gathered_blocks[i] for i in dense], [views[i] for i in dense])
@@ -131,7 +140,22 @@ class BlockBucket:
             self.param_blocks[i].add_(rows[i], alpha=alpha)
 
 
+def _block_view(tensor: Tensor, matrix: tuple[int, int], rows: slice, cols: slice) -> Tensor:
+    """``tensor.reshape(matrix)[rows, cols]`` with only the view operations the block needs (none for a whole
+    matrix): a step takes one such view per block, and each operation costs host time."""
+    if tensor.shape != matrix:
+        tensor = tensor.reshape(matrix)
+    if rows.stop - rows.start != matrix[0]:
+        tensor = tensor.narrow(0, rows.start, rows.stop - rows.start)
+    if cols.stop - cols.start != matrix[1]:
+        tensor = tensor.narrow(1, cols.start, cols.stop - cols.start)
+    return tensor
+
+
 def _split_by_contiguity(tensors: list[Tensor]) -> tuple[list[int], list[int]]:
     """The indices of the contiguous tensors (a multi-tensor kernel takes them all) and of the others."""
-    dense = [i for i, tensor in enumerate(tensors) if tensor.is_contiguous()]
-    return dense, [i for i, tensor in enumerate(tensors) if not tensor.is_contiguous()]
+    dense: list[int] = []
+    strided: list[int] = []
+    for i, tensor in enumerate(tensors):
+        (dense if tensor.is_contiguous() else strided).append(i)
+    return dense, strided

@@ -434,9 +434,10 @@ def _check_no_dtensor(name: str, params: list[Tensor]) -> None:
 
 class _KroneckerOptimizer(Optimizer):
     """Step structure, state layout, DDP work split and state loading that :class:`Shampoo` and :class:`Soap`
-    share. A step: (1) ``_accumulate`` per bucket (moments, factors), (2) take in the recomputation launched at the
-    last step (``overlap_recompute``), then recompute the due preconditioners, batched across buckets, split over
-    the data-parallel ranks and shared by one ``all_reduce`` per dtype (in line, or launched for the next step),
+    share. A step: (1) per bucket, ``_update_moments`` and the factor update (on the side stream of overlapped
+    recomputations, see :meth:`_update_factors`), (2) take in the recomputation launched at the last step
+    (``overlap_recompute``), then recompute the due preconditioners, batched across buckets, split over the
+    data-parallel ranks and shared by one ``all_reduce`` per dtype (in line, or launched for the next step),
     (3) ``_direction`` per bucket, written into the parameters. Parameters without a matrix view (order 1 after
     merging) take ``_diagonal_grafting``."""
 
@@ -455,7 +456,7 @@ class _KroneckerOptimizer(Optimizer):
         self._side_streams: dict[torch.device, Any] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        self._finish_recompute()  # a pickled or deep-copied optimizer carries the pending results in its state
+        self._settle()  # a pickled or deep-copied optimizer carries the pending results in its state
         return super().__getstate__()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -504,8 +505,8 @@ class _KroneckerOptimizer(Optimizer):
     def _complete_state(self, param: Tensor, group: dict[str, Any]) -> None:
         """Add state a group's settings need but an existing state lacks (settings changed after state was made)."""
 
-    def _accumulate(self, bucket: BlockBucket, grads: Tensor, group: dict[str, Any]) -> None:
-        raise NotImplementedError
+    def _update_moments(self, bucket: BlockBucket, grads: Tensor, group: dict[str, Any]) -> None:
+        """Update the moments that take the gradient before the step's recomputation (none by default)."""
 
     def _refresh_job(self, bucket: BlockBucket, group: dict[str, Any], side: str,
                      blocks: slice) -> tuple[tuple, tuple[Tensor, ...]]:
@@ -529,11 +530,15 @@ class _KroneckerOptimizer(Optimizer):
         """Whether this step's recomputation of ``bucket`` is its first (by eigendecomposition, used at once)."""
         raise NotImplementedError
 
-    def _overlaps(self, bucket: BlockBucket, group: dict[str, Any]) -> bool:
-        """Whether this step's recomputation of ``bucket`` is launched for the next step (``overlap_recompute``):
-        not the first one. Subclasses also keep their ``torch.linalg.eigh`` recomputations in line: ``eigh``
+    def _recomputes_overlap(self, group: dict[str, Any]) -> bool:
+        """Whether ``group``'s recomputations after the first are launched for the next step
+        (``overlap_recompute``). Subclasses keep their ``torch.linalg.eigh`` recomputations in line: ``eigh``
         synchronises the host with a CUDA device, so it could not overlap anything."""
-        return group.get("overlap_recompute", False) and not self._is_first_recompute(bucket, group)
+        return group.get("overlap_recompute", False)
+
+    def _overlaps(self, bucket: BlockBucket, group: dict[str, Any]) -> bool:
+        """Whether this step's recomputation of ``bucket`` is launched for the next step: not the first one."""
+        return self._recomputes_overlap(group) and not self._is_first_recompute(bucket, group)
 
     def _direction(self, bucket: BlockBucket, grads: Tensor, group: dict[str, Any]) -> Tensor:
         raise NotImplementedError
@@ -568,6 +573,7 @@ class _KroneckerOptimizer(Optimizer):
         """Load like ``torch.optim.Optimizer``, then put every state tensor back in its own dtype on its
         parameter's device (torch casts floating state to the parameter dtype, and the failure counters too).
         The stacked buckets are rebuilt from this per-parameter state on the next step."""
+        self._join_side_streams()  # no side-stream work may still write the state this replaces
         self._pending = None
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
@@ -590,7 +596,7 @@ class _KroneckerOptimizer(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The standard optimizer state dict, after taking in a pending recomputation (so a run resumed from it
         continues exactly)."""
-        self._finish_recompute()
+        self._settle()
         return super().state_dict()
 
     def preconditioner_failures(self) -> int:
@@ -606,7 +612,7 @@ class _KroneckerOptimizer(Optimizer):
 
     def _build_plan(self, params_and_grads: list[tuple[list[Tensor], list[Tensor]]]) -> None:
         """Create missing state and stack the blocks of equal (group, shape, step) into buckets."""
-        self._finish_recompute()  # into the old buckets, whose stacks the state lists still view
+        self._settle()  # into the old buckets, whose stacks the state lists still view
         buckets: list[BlockBucket] = []
         diagonals: list[DiagonalParams] = []
         for group_index, (group, (params, _)) in enumerate(zip(self.param_groups, params_and_grads)):
@@ -672,7 +678,8 @@ class _KroneckerOptimizer(Optimizer):
             grads = bucket.gather_grads()
             if not self._decoupled(group) and group["weight_decay"] != 0:
                 grads.add_(torch.stack(bucket.param_blocks).to(grads.dtype), alpha=group["weight_decay"])
-            self._accumulate(bucket, grads, group)
+            self._update_moments(bucket, grads, group)
+            self._update_factors(bucket, grads, group)
             gathered.append(grads)
 
         # The roots recomputed at the last step take effect now, before this step's recomputations read them.
@@ -684,6 +691,7 @@ class _KroneckerOptimizer(Optimizer):
             if selection is not None:
                 (overlapped if self._overlaps(bucket, group) else due).append((bucket, selection))
         if due:
+            self._join_side_streams()  # factors updated on a side stream (a first recomputation) are read here
             self._accept_recomputed(due, *self._recompute(due, overlap=False))
         if overlapped:
             self._pending = (overlapped, *self._recompute(overlapped, overlap=True))
@@ -722,6 +730,33 @@ class _KroneckerOptimizer(Optimizer):
                                             bias_corrections2=[1 - beta2**step] * len(params), eps=group["eps"])
         torch._foreach_add_(params, directions, alpha=-group["lr"] / self._bias_correction1(group, step))
 
+    def _update_factors(self, bucket: BlockBucket, grads: Tensor, group: dict[str, Any]) -> None:
+        """Add the gradients to the factors (:func:`update_factors`). Where the group's recomputations overlap
+        (``overlap_recompute``, on CUDA) this runs on their side stream, after the gradients are gathered: the
+        factors are then read and written by that stream alone (its recomputations need no copy of them), and
+        their update leaves the critical path of the step (Anil et al. 2020, Sec. 5: statistics and roots are
+        computed off the step's path, the step itself only applies the roots)."""
+        stream = self._side_stream(grads.device) if self._recomputes_overlap(group) else None
+        factors = bucket.stacks["factor_left"], bucket.stacks["factor_right"]
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(grads.device))
+            for tensor in (grads, *factors):
+                tensor.record_stream(stream)
+        with _on_stream(stream):
+            update_factors(grads, *factors, beta=group["shampoo_beta"], matmul_dtype=group["matmul_dtype"])
+        if stream is not None:  # the next step's gather overwrites these gradients only after this update read them
+            bucket.gathered_read = stream.record_event()
+
+    def _join_side_streams(self) -> None:
+        """Make each device's current stream wait for all work queued on its side stream."""
+        for device, stream in self._side_streams.items():
+            torch.cuda.current_stream(device).wait_stream(stream)
+
+    def _settle(self) -> None:
+        """Take a pending recomputation into the state and wait for all side-stream work: the state is whole."""
+        self._finish_recompute()
+        self._join_side_streams()
+
     def _side_stream(self, device: torch.device) -> Any:
         """The CUDA stream the overlapped recomputations of ``device`` run on (None off CUDA)."""
         if device.type != "cuda":
@@ -742,10 +777,10 @@ class _KroneckerOptimizer(Optimizer):
         results gives every rank all of them.
 
         With ``overlap`` the results are taken in at the next step; on CUDA the computation runs on a side stream
-        (on a copy of its inputs), overlapping the next step's forward and backward. Memory: a batch runs in chunks
-        of at most :data:`RECOMPUTE_CHUNK_BYTES` per float64 factor stack; a chunk's inputs are copied where it
-        has several jobs (always on a side stream); overlapped results (Shampoo ``qr``: roots and bases, twice the
-        due factors) are held until the next step.
+        (the stream that updates these factors), overlapping the next step's forward and backward. Memory: a batch
+        runs in chunks of at most :data:`RECOMPUTE_CHUNK_BYTES` per float64 factor stack; a chunk's inputs are
+        copied where it has several jobs; overlapped results (Shampoo ``qr``: roots and bases, twice the due
+        factors) are held until the next step.
         """
         rank, world_size = _rank_and_world_size()
         jobs: list[tuple[Tensor, ...]] = []  # the inputs of each job: 2 per due (bucket, selection), left then right
@@ -776,15 +811,15 @@ class _KroneckerOptimizer(Optimizer):
             results = None
             for window in windows or [owned]:
                 parts = _rows_of_members([jobs[j] for j in members], sizes, window)
-                # A side stream reads a snapshot: the factors take the next gradient in place while it runs.
-                inputs = [torch.cat(pieces) if stream is not None or len(pieces) > 1 else pieces[0]
-                          for pieces in zip(*parts)]
+                # A side stream reads the state in place: its factors are written by that stream alone (see
+                # _update_factors), and the bases it reads change only when the next step takes in its results.
                 if stream is not None:
                     stream.wait_stream(torch.cuda.current_stream(device))
-                    for tensor in inputs:
+                    for tensor in chain.from_iterable(parts):
                         tensor.record_stream(stream)
                 # Roots, eigenbases and their products in true fp32 (or fp64), whatever the global TF32 setting.
                 with _on_stream(stream), fp32_matmul_precision("ieee"):
+                    inputs = [torch.cat(pieces) if len(pieces) > 1 else pieces[0] for pieces in zip(*parts)]
                     window_results = self._refresh(key, tuple(inputs))
                     if world_size == 1 and len(windows) <= 1:
                         results = window_results
@@ -912,7 +947,8 @@ class Shampoo(_KroneckerOptimizer):
             steps where ``(t - start) % frequency == i % frequency``) instead of all blocks on one step.
         overlap_recompute: roots recomputed at step :math:`t` (from the factors including :math:`G_t`) are used
             from step :math:`t+1`; on CUDA their computation runs on a side stream, overlapping the next forward
-            and backward (on the CPU it runs in line, with the same one-step delay, so both compute the same). The
+            and backward, and so do the factor updates (on the CPU both run in line, with the same one-step delay,
+            so both compute the same). The
             first recomputation (at the start step) and ``root_inverse="eigh"`` (``eigh`` synchronises the host
             with the GPU) are used at once either way. False: used at step :math:`t`, computed in line.
             ``state_dict()`` (and pickling) take a pending result in first, so a resumed run continues exactly.
@@ -1031,14 +1067,12 @@ class Shampoo(_KroneckerOptimizer):
     def _start(group: dict[str, Any]) -> int:
         return group["start_preconditioning_step"] or group["precondition_frequency"]
 
-    def _accumulate(self, bucket, grads, group):
+    def _update_moments(self, bucket, grads, group):
         stacks = bucket.stacks
         beta1, beta2 = group["betas"]
         rule = second_moment_rule(group["grafting"])
         update_moments([grads], [stacks["exp_avg"]], [stacks["exp_avg_sq"]] if rule else None,
                        beta1=beta1, beta2=beta2, rule=rule)
-        update_factors(grads, stacks["factor_left"], stacks["factor_right"], beta=group["shampoo_beta"],
-                       matmul_dtype=group["matmul_dtype"])
 
     def _recompute_selection(self, bucket, group):
         return recompute_selection(bucket.step, len(bucket), frequency=group["precondition_frequency"],
@@ -1047,8 +1081,8 @@ class Shampoo(_KroneckerOptimizer):
     def _is_first_recompute(self, bucket, group):
         return bucket.step == self._start(group)
 
-    def _overlaps(self, bucket, group):
-        return super()._overlaps(bucket, group) and group.get("root_inverse", "eigh") != "eigh"
+    def _recomputes_overlap(self, group):
+        return super()._recomputes_overlap(group) and group.get("root_inverse", "eigh") != "eigh"
 
     def _refresh_job(self, bucket, group, side, blocks):
         root, eps = group["exponent_override"] or 4, group["preconditioner_eps"]
@@ -1206,10 +1240,6 @@ class Soap(_KroneckerOptimizer):
     def _diagonal_grafting(self, group):
         return "adam"
 
-    def _accumulate(self, bucket, grads, group):
-        update_factors(grads, bucket.stacks["factor_left"], bucket.stacks["factor_right"],
-                       beta=group["shampoo_beta"], matmul_dtype=group["matmul_dtype"])
-
     def _recompute_selection(self, bucket, group):
         return recompute_selection(bucket.step, len(bucket), frequency=group["precondition_frequency"], start=1,
                                    stagger=group["stagger_recompute"])
@@ -1217,8 +1247,8 @@ class Soap(_KroneckerOptimizer):
     def _is_first_recompute(self, bucket, group):
         return bucket.step == 1
 
-    def _overlaps(self, bucket, group):
-        return super()._overlaps(bucket, group) and group["eigenbasis_update"] != "eigh"
+    def _recomputes_overlap(self, group):
+        return super()._recomputes_overlap(group) and group["eigenbasis_update"] != "eigh"
 
     def _refresh_job(self, bucket, group, side, blocks):
         factors = bucket.stacks[f"factor_{side}"][blocks]

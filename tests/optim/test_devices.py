@@ -4,10 +4,13 @@ give the same result with their recomputations on a side CUDA stream as on the m
 Skipped where there is no GPU; run on the device machine with `pytest tests/optim/test_devices.py`.
 """
 
+from unittest import mock
+
 import pytest
 import torch
 
-from hf_colossal.optim import Lamb, Lars, Shampoo, Soap
+from hf_colossal.optim import Lamb, Lars, Shampoo, Soap, shampoo
+from hf_colossal.optim.shampoo import update_factors
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -57,12 +60,12 @@ def test_cuda_nonfinite_gradient_skips_the_step(name):
 
 
 SIDE_STREAM_SHAPES = [(768, 512), (512, 512), (300, 200), (64,)]
-#: A spin of about 30 ms before every recomputation: it is still running on the side stream when the next step
-#: starts, so a missing wait or an input changed under it cannot go unseen.
+#: A spin of about 30 ms before every recomputation and factor update: it is still running on the side stream when
+#: the main stream goes on, so a missing wait or an input changed under it cannot go unseen.
 SLEEP_CYCLES = 50_000_000
 
 
-def _train_on_cuda(cls, *, side_stream=True, wait=True, steps=12):
+def _train_on_cuda(cls, *, side_stream=True, wait=True, join=True, steps=12):
     generator = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=generator).cuda().requires_grad_() for s in SIDE_STREAM_SHAPES]
     grads = [[0.1 * torch.randn(s, generator=generator).cuda() for s in SIDE_STREAM_SHAPES] for _ in range(steps)]
@@ -73,15 +76,22 @@ def _train_on_cuda(cls, *, side_stream=True, wait=True, steps=12):
         torch.cuda._sleep(SLEEP_CYCLES)
         return compute(key, inputs)
 
+    def slow_update_factors(*args, **kwargs):
+        torch.cuda._sleep(SLEEP_CYCLES)
+        return update_factors(*args, **kwargs)
+
     optimizer._refresh = slow_refresh
     if not side_stream:
         optimizer._side_stream = lambda device: None
-    if not wait:  # the negative control: take the results in without waiting for the side stream
+    if not wait:  # a negative control: take the results in without waiting for the side stream
         optimizer._accept_recomputed = lambda due, per_job, events: accept(due, per_job, [])
-    for step_grads in grads:
-        for param, grad in zip(params, step_grads):
-            param.grad = grad
-        optimizer.step()
+    if not join:  # a negative control: the first (in-line) recomputation does not wait for the factor updates
+        optimizer._join_side_streams = lambda: None
+    with mock.patch.object(shampoo, "update_factors", slow_update_factors):
+        for step_grads in grads:
+            for param, grad in zip(params, step_grads):
+                param.grad = grad
+            optimizer.step()
     torch.cuda.synchronize()
     return [param.detach().cpu() for param in params], optimizer
 
@@ -89,9 +99,9 @@ def _train_on_cuda(cls, *, side_stream=True, wait=True, steps=12):
 @cuda
 @pytest.mark.parametrize("cls", [Shampoo, Soap])
 def test_side_stream_recomputation_equals_the_same_schedule_on_the_main_stream(cls):
-    """Same kernels in the same order, with the recomputations on a side stream or on the main stream: equal. CPU
-    against GPU is not compared here: the factors of blocks with fewer gradient rows than columns have degenerate
-    eigenspaces, whose bases legitimately differ by device."""
+    """Same kernels in the same order, with the factor updates and recomputations on a side stream or on the main
+    stream: equal. CPU against GPU is not compared here: the factors of blocks with fewer gradient rows than
+    columns have degenerate eigenspaces, whose bases legitimately differ by device."""
     overlapped, optimizer = _train_on_cuda(cls)
     assert optimizer.preconditioner_failures() == 0 and optimizer._side_streams
     in_line, optimizer = _train_on_cuda(cls, side_stream=False)
@@ -101,9 +111,11 @@ def test_side_stream_recomputation_equals_the_same_schedule_on_the_main_stream(c
 
 
 @cuda
+@pytest.mark.parametrize("control", ["no_event_wait", "no_join"])
 @pytest.mark.parametrize("cls", [Shampoo, Soap])
-def test_without_the_event_wait_the_side_stream_results_are_wrong(cls):
-    """The control for the test above: it would catch a missing wait."""
+def test_without_the_stream_waits_the_side_stream_results_are_wrong(cls, control):
+    """The controls for the test above: it would catch a missing wait for the recomputed results, or a first
+    recomputation that does not wait for the factor updates."""
     in_line, _ = _train_on_cuda(cls, side_stream=False)
-    unsynchronised, _ = _train_on_cuda(cls, wait=False)
+    unsynchronised, _ = _train_on_cuda(cls, wait=control != "no_event_wait", join=control != "no_join")
     assert any(not torch.allclose(got, expected, rtol=1e-3, atol=1e-5) for got, expected in zip(unsynchronised, in_line))

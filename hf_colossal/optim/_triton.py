@@ -823,6 +823,42 @@ def _build_kernels() -> Any:
             _lars_block(p_ptr, g_ptr, b_ptr, o, o < numel, ratio, alpha, momentum, damp1, wd, fresh,
                         WD, MOMENTUM, NESTEROV, True)
 
+    @triton.jit
+    def stacked_moments(g_ptr, m_ptr, v_ptr, d_ptr, partial, block_numel, chunks_per_block,
+                        beta1, beta2, bias_correction2, eps, SMALL_WEIGHT: tl.constexpr,
+                        SUM: tl.constexpr, DIRECTION: tl.constexpr, NORMS: tl.constexpr,
+                        BLOCK: tl.constexpr, ITERS: tl.constexpr):
+        """One chunk of one block of contiguous ``(n, rows, cols)`` fp32 stacks: the moments in place, the
+        grafting direction (written with DIRECTION) and its partial sum of squares (with NORMS)."""
+        block = tl.program_id(0)
+        chunk = tl.program_id(1)
+        base = block.to(tl.int64) * block_numel
+        offsets = tl.arange(0, BLOCK)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(ITERS):
+            o = chunk * BLOCK * ITERS + i * BLOCK + offsets
+            mask = o < block_numel
+            g = tl.load(g_ptr + base + o, mask=mask, other=0.0)
+            m = tl.load(m_ptr + base + o, mask=mask, other=0.0)
+            v = tl.load(v_ptr + base + o, mask=mask, other=0.0)
+            if SMALL_WEIGHT:  # torch.lerp's two forms (exact at both ends): m + w (g - m) for w < 0.5
+                m = m + (1.0 - beta1) * (g - m)
+            else:
+                m = g - (g - m) * beta1
+            if SUM:
+                v = v + g * g
+            else:
+                v = v * beta2 + (1.0 - beta2) * (g * g)
+            tl.store(m_ptr + base + o, m, mask=mask)
+            tl.store(v_ptr + base + o, v, mask=mask)
+            d = m / (tl.sqrt(v / bias_correction2) + eps)
+            if DIRECTION:
+                tl.store(d_ptr + base + o, d, mask=mask)
+            if NORMS:
+                acc += tl.where(mask, d * d, 0.0)
+        if NORMS:
+            tl.store(partial + block * chunks_per_block + chunk, tl.sum(acc, axis=0))
+
     # Triton resolves the names a kernel uses (helpers, ``tl``) through the module's globals, not the closure of
     # this function: publish them there, once triton has been imported.
     names = dict(locals())
@@ -836,4 +872,42 @@ def _build_kernels() -> Any:
     kernels.finish = finish
     kernels.lamb = lamb
     kernels.lars = lars
+    kernels.stacked_moments = stacked_moments
     return kernels
+
+
+#: Launch geometry of :func:`stacked_moments`: a program covers MOMENTS_BLOCK * MOMENTS_ITERS elements of a block.
+MOMENTS_BLOCK = 1024
+MOMENTS_ITERS = 4
+
+
+def stacked_moments_supported(*tensors: Tensor) -> bool:
+    """Whether :func:`stacked_moments` can run on these stacks: triton importable, CUDA (or the interpreter on
+    CPU), fp32, contiguous, one shape."""
+    first = tensors[0]
+    return (is_available() and (first.device.type == "cuda" or (first.device.type == "cpu" and interpreting()))
+            and all(t.dtype == torch.float32 and t.is_contiguous() and t.shape == first.shape
+                    and t.device == first.device for t in tensors))
+
+
+def stacked_moments(
+    grads: Tensor, exp_avgs: Tensor, exp_avg_sqs: Tensor, *, beta1: float, beta2: float, rule: str,
+    bias_correction2: float, eps: float, direction: bool, norms: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    r"""One pass over ``(n, rows, cols)`` stacks (one launch): :math:`m \leftarrow \beta_1 m + (1-\beta_1) g`,
+    :math:`v \leftarrow \beta_2 v + (1-\beta_2) g^2` (``rule="ema"``) or :math:`v + g^2` (``"sum"``) in place,
+    and the diagonal direction :math:`d = m / (\sqrt{v / c_2} + \epsilon)` with ``bias_correction2`` :math:`c_2`
+    (1 for RMSprop / AdaGrad). Returns ``d`` (where ``direction``) and its Frobenius norm per block (where
+    ``norms``; deterministic: fixed-order partial sums). 20 B/element without ``d`` (Shampoo's grafting needs only
+    its norms), 24 with it; the eager ``torch._foreach_*`` path moves about 68."""
+    n = grads.shape[0]
+    numel = grads[0].numel() if n else 0
+    chunks = max(1, -(-numel // (MOMENTS_BLOCK * MOMENTS_ITERS)))
+    out = torch.empty_like(grads) if direction else grads
+    partial = torch.empty((n, chunks), dtype=torch.float32, device=grads.device) if norms else grads
+    if n and numel:
+        _load().stacked_moments[(n, chunks)](
+            grads, exp_avgs, exp_avg_sqs, out, partial, numel, chunks, beta1, beta2, bias_correction2, eps,
+            SMALL_WEIGHT=1 - beta1 < 0.5, SUM=rule == "sum", DIRECTION=direction, NORMS=norms, BLOCK=MOMENTS_BLOCK, ITERS=MOMENTS_ITERS)
+    block_norms = partial.sum(dim=1).sqrt() if norms else None
+    return (out if direction else None), block_norms

@@ -36,6 +36,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
+from . import _triton
 from ._blocks import BlockBucket, block_shape, block_slices, matrix_shape
 from ._precision import fp32_matmul_precision
 from ._foreach import (
@@ -130,6 +131,25 @@ def elementwise_directions(
         denominators = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_add_(denominators, eps)
     return torch._foreach_div(exp_avgs, denominators)
+
+
+def grafting_moments(
+    grads: Tensor, exp_avgs: Tensor, exp_avg_sqs: Tensor | None, *, grafting: str, beta1: float, beta2: float,
+    bias_correction2: float, eps: float, direction: bool, norms: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """:func:`update_moments` then :func:`elementwise_directions` for ``(n, rows, cols)`` stacks: returns the
+    direction (where ``direction``) and its Frobenius norm per block (where ``norms``). On CUDA, for the
+    groupings with a second moment, one fused Triton pass (:func:`._triton.stacked_moments`) that writes the
+    direction only when asked: the grafting of Shampoo needs only its norms."""
+    rule = second_moment_rule(grafting)
+    if rule is not None and _triton.stacked_moments_supported(grads, exp_avgs, exp_avg_sqs):
+        return _triton.stacked_moments(
+            grads, exp_avgs, exp_avg_sqs, beta1=beta1, beta2=beta2, rule=rule, eps=eps, direction=direction,
+            norms=norms, bias_correction2=bias_correction2 if grafting == "adam" else 1.0)
+    update_moments([grads], [exp_avgs], [exp_avg_sqs] if rule else None, beta1=beta1, beta2=beta2, rule=rule)
+    (grafted,) = elementwise_directions([exp_avgs], [exp_avg_sqs] if rule else None, grafting=grafting,
+                                        bias_corrections2=[bias_correction2], eps=eps)
+    return (grafted if direction else None), (torch.linalg.vector_norm(grafted, dim=(-2, -1)) if norms else None)
 
 
 def _matmul_dtype_name(matmul_dtype: str | torch.dtype) -> str:
@@ -277,12 +297,12 @@ def shampoo_direction(
     return out.to(exp_avgs.dtype)
 
 
-def graft(direction: Tensor, grafted: Tensor) -> Tensor:
-    r"""Per block, ``direction`` rescaled to the norm of ``grafted``:
+def graft(direction: Tensor, grafted_norms: Tensor) -> Tensor:
+    r"""Per block, ``direction`` rescaled to the grafting direction's norm ``grafted_norms`` (one per block):
     :math:`d\, \|d_{graft}\|_F / \|d\|_F` (0 where :math:`\|d\|_F = 0`). Anil et al. 2020, Sec. 3.4 (layer-wise
     grafting, here per block as in Shi et al. 2023, Sec. 3.2)."""
     norms = torch.linalg.vector_norm(direction, dim=(-2, -1), keepdim=True)
-    grafted_norms = torch.linalg.vector_norm(grafted, dim=(-2, -1), keepdim=True)
+    grafted_norms = grafted_norms.view(-1, 1, 1)
     scale = torch.where(norms > 0, grafted_norms / norms, torch.zeros_like(norms))
     return direction.mul_(scale)
 
@@ -505,8 +525,9 @@ class _KroneckerOptimizer(Optimizer):
     def _complete_state(self, param: Tensor, group: dict[str, Any]) -> None:
         """Add state a group's settings need but an existing state lacks (settings changed after state was made)."""
 
-    def _update_moments(self, bucket: BlockBucket, grads: Tensor, group: dict[str, Any]) -> None:
-        """Update the moments that take the gradient before the step's recomputation (none by default)."""
+    def _update_moments(self, bucket: BlockBucket, grads: Tensor, group: dict[str, Any]) -> Any:
+        """Update the moments that take the gradient before the step's recomputation (none by default); what
+        this returns goes to :meth:`_direction`."""
 
     def _refresh_job(self, bucket: BlockBucket, group: dict[str, Any], side: str,
                      blocks: slice) -> tuple[tuple, tuple[Tensor, ...]]:
@@ -540,7 +561,7 @@ class _KroneckerOptimizer(Optimizer):
         """Whether this step's recomputation of ``bucket`` is launched for the next step: not the first one."""
         return self._recomputes_overlap(group) and not self._is_first_recompute(bucket, group)
 
-    def _direction(self, bucket: BlockBucket, grads: Tensor, group: dict[str, Any]) -> Tensor:
+    def _direction(self, bucket: BlockBucket, grads: Tensor, group: dict[str, Any], moments: Any) -> Tensor:
         raise NotImplementedError
 
     # -- state ------------------------------------------------------------------------------------------------
@@ -678,9 +699,9 @@ class _KroneckerOptimizer(Optimizer):
             grads = bucket.gather_grads()
             if not self._decoupled(group) and group["weight_decay"] != 0:
                 grads.add_(torch.stack(bucket.param_blocks).to(grads.dtype), alpha=group["weight_decay"])
-            self._update_moments(bucket, grads, group)
+            moments = self._update_moments(bucket, grads, group)
             self._update_factors(bucket, grads, group)
-            gathered.append(grads)
+            gathered.append((grads, moments))
 
         # The roots recomputed at the last step take effect now, before this step's recomputations read them.
         self._finish_recompute()
@@ -696,9 +717,9 @@ class _KroneckerOptimizer(Optimizer):
         if overlapped:
             self._pending = (overlapped, *self._recompute(overlapped, overlap=True))
 
-        for bucket, grads in zip(buckets, gathered):
+        for bucket, (grads, moments) in zip(buckets, gathered):
             group = self.param_groups[bucket.group_index]
-            direction = self._direction(bucket, grads, group)
+            direction = self._direction(bucket, grads, group, moments)
             step_size = group["lr"] / self._bias_correction1(group, bucket.step)
             bucket.add_to_params(direction, alpha=-step_size)
 
@@ -1068,11 +1089,13 @@ class Shampoo(_KroneckerOptimizer):
         return group["start_preconditioning_step"] or group["precondition_frequency"]
 
     def _update_moments(self, bucket, grads, group):
-        stacks = bucket.stacks
+        """The moments, and the grafting direction (before the start step) or its norm per block (after it)."""
+        stacks, grafting = bucket.stacks, group["grafting"]
         beta1, beta2 = group["betas"]
-        rule = second_moment_rule(group["grafting"])
-        update_moments([grads], [stacks["exp_avg"]], [stacks["exp_avg_sq"]] if rule else None,
-                       beta1=beta1, beta2=beta2, rule=rule)
+        preconditioned = bucket.step >= self._start(group)
+        return grafting_moments(grads, stacks["exp_avg"], stacks.get("exp_avg_sq"), grafting=grafting,
+                                beta1=beta1, beta2=beta2, bias_correction2=1 - beta2**bucket.step, eps=group["eps"],
+                                direction=not preconditioned, norms=preconditioned and grafting != "none")
 
     def _recompute_selection(self, bucket, group):
         return recompute_selection(bucket.step, len(bucket), frequency=group["precondition_frequency"],
@@ -1125,19 +1148,14 @@ class Shampoo(_KroneckerOptimizer):
             failed.append(result[1] < 0.5)
         stacks["preconditioner_failures"][blocks] += (failed[0] | failed[1]).to(torch.int64)
 
-    def _direction(self, bucket, grads, group):
+    def _direction(self, bucket, grads, group, moments):
         stacks = bucket.stacks
-        beta2 = group["betas"][1]
-        rule = second_moment_rule(group["grafting"])
-        (grafted,) = elementwise_directions(
-            [stacks["exp_avg"]], [stacks["exp_avg_sq"]] if rule else None, grafting=group["grafting"],
-            bias_corrections2=[1 - beta2**bucket.step], eps=group["eps"],
-        )
+        grafted, grafted_norms = moments
         if bucket.step < self._start(group):
             return grafted
         direction = shampoo_direction(stacks["exp_avg"], stacks["root_left"], stacks["root_right"],
                                       matmul_dtype=group["matmul_dtype"])
-        return direction if group["grafting"] == "none" else graft(direction, grafted)
+        return direction if group["grafting"] == "none" else graft(direction, grafted_norms)
 
 
 class Soap(_KroneckerOptimizer):
@@ -1287,13 +1305,13 @@ class Soap(_KroneckerOptimizer):
         exp_avg.copy_((left_change @ exp_avg.to(left_change.dtype) @ right_change).to(exp_avg.dtype))
         stacks["preconditioner_failures"][blocks] += (~(oks[0] & oks[1])).to(torch.int64)
 
-    def _direction(self, bucket, grads, group):
+    def _direction(self, bucket, grads, group, moments):
         stacks = bucket.stacks
         beta1, beta2 = group["betas"]
         # Groups saved before rotation_dtype existed rotated in true fp32.
         matmul = group.get("rotation_dtype", "float32")
         rotated = rotate(grads, stacks["basis_left"], stacks["basis_right"], matmul)
-        update_moments([rotated], [stacks["exp_avg"]], [stacks["exp_avg_sq"]], beta1=beta1, beta2=beta2, rule="ema")
-        (adam,) = elementwise_directions([stacks["exp_avg"]], [stacks["exp_avg_sq"]], grafting="adam",
-                                         bias_corrections2=[1 - beta2**bucket.step], eps=group["eps"])
+        adam, _ = grafting_moments(rotated, stacks["exp_avg"], stacks["exp_avg_sq"], grafting="adam", beta1=beta1,
+                                   beta2=beta2, bias_correction2=1 - beta2**bucket.step, eps=group["eps"],
+                                   direction=True, norms=False)
         return rotate_back(adam, stacks["basis_left"], stacks["basis_right"], matmul)

@@ -1,4 +1,5 @@
-"""The fused (Triton) path of :class:`Lamb` and :class:`Lars` against the foreach path.
+"""The fused (Triton) path of :class:`Lamb` and :class:`Lars` against the foreach path, and the fused moment pass of
+:class:`Shampoo` / :class:`Soap` against theirs.
 
 The fused tests need a CUDA device (run them on the device machine: `pytest tests/optim/test_fused.py`). They also
 run on CPU tensors under Triton's interpreter (`TRITON_INTERPRET=1`, slow), a debugging aid only: Triton 3.6's
@@ -380,3 +381,27 @@ def test_skip_counter_groups_behave_like_dicts():
     restored = Lamb([torch.ones(2, requires_grad=True)])
     restored.load_state_dict(saved)
     assert restored.param_groups[0]["fused"] is None and restored.param_groups[0]["nonfinite_skips"] == 1
+
+
+@fused_device
+@pytest.mark.parametrize("grafting, beta1", [("adam", 0.9), ("rmsprop", 0.3), ("adagrad", 0.0)])
+@pytest.mark.parametrize("direction, norms", [(True, True), (False, True), (True, False)])
+def test_stacked_moments_match_the_foreach_path_on_the_cpu(grafting, beta1, direction, norms):
+    """Shampoo's and SOAP's fused moment pass (``_triton.stacked_moments``) against the CPU foreach path of
+    ``grafting_moments``, on stacks whose blocks end in a partial chunk."""
+    from hf_colossal.optim.shampoo import grafting_moments
+
+    generator = torch.Generator().manual_seed(0)
+    shape = (3, 70, _triton.MOMENTS_BLOCK * _triton.MOMENTS_ITERS // 70 + 9)
+    grads, exp_avgs = (torch.randn(shape, generator=generator) for _ in range(2))
+    exp_avg_sqs = torch.rand(shape, generator=generator)
+    settings = dict(grafting=grafting, beta1=beta1, beta2=0.99, bias_correction2=0.3, eps=1e-8,
+                    direction=direction, norms=norms)
+    on_device = [t.to(DEVICE, copy=True) for t in (grads, exp_avgs, exp_avg_sqs)]
+    assert _triton.stacked_moments_supported(*on_device)
+    fused = grafting_moments(*on_device, **settings)
+    expected = grafting_moments(grads, exp_avgs, exp_avg_sqs, **settings)  # CPU: the foreach path
+    for got, want in [*zip(on_device[1:], (exp_avgs, exp_avg_sqs)), *zip(fused, expected)]:
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)

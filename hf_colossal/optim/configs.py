@@ -102,6 +102,9 @@ class KfacConfig(OptimizerConfig):
     momentum: float = _opt(0.9, "momentum of base_rule=sgd")
     method: Literal["inverse", "eigen"] = _opt("inverse", "damped factor inverses (batched inv) or eigh")
     damping: float = _opt(1e-3, "Tikhonov damping lambda; each factor gets sqrt(lambda) (times pi or 1/pi)")
+    damping_scale: Literal["absolute", "relative"] = _opt(
+        "absolute", "damping as given, or relative to each layer's mean eigenvalue of A x G"
+    )
     pi_damping: bool = _opt(True, "split the damping between the factors by their traces (Martens & Grosse 6.3)")
     factor_decay: float = _opt(0.95, "moving-average decay of the factors")
     factor_interval: int = _opt(10, "steps between factor updates (statistics taken only before those)")

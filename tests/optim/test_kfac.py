@@ -117,10 +117,12 @@ def _net():
     return _Net().double()
 
 
-@pytest.mark.parametrize("method", ["inverse", "eigen"])
-def test_preconditioned_step_equals_dense_damped_inverses(method):
+@pytest.mark.parametrize("method, damping_scale", [("inverse", "absolute"), ("eigen", "absolute"),
+                                                   ("inverse", "relative")])
+def test_preconditioned_step_equals_dense_damped_inverses(method, damping_scale):
     model = _net()
-    opt = build_optimizer("kfac", model, lr=1.0, options={**EXACT, "method": method, "damping": 0.01})
+    opt = build_optimizer("kfac", model, lr=1.0,
+                          options={**EXACT, "method": method, "damping": 0.01, "damping_scale": damping_scale})
     _loss(model, _net_batch(1)).backward()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     opt.step()
@@ -128,9 +130,16 @@ def test_preconditioned_step_equals_dense_damped_inverses(method):
         state = opt.state[layer.weight]
         a, g = state["kfac_a"], state["kfac_g"]
         a_full = torch.diag(a) if a.dim() == 1 else a
-        pi = ((a_full.trace() / a_full.shape[0]) / (g.trace() / g.shape[0])).sqrt()
-        damped_a = a_full + 0.1 * pi * torch.eye(a_full.shape[0], dtype=a.dtype)
-        damped_g = g + 0.1 / pi * torch.eye(g.shape[0], dtype=g.dtype)
+        a_mean, g_mean = a_full.trace() / a_full.shape[0], g.trace() / g.shape[0]
+        # absolute: (pi sqrt(lambda), sqrt(lambda) / pi), pi = sqrt(a_mean / g_mean); relative: lambda times
+        # a_mean * g_mean, which makes the terms sqrt(lambda) a_mean and sqrt(lambda) g_mean
+        if damping_scale == "absolute":
+            pi = (a_mean / g_mean).sqrt()
+            gamma_a, gamma_g = 0.1 * pi, 0.1 / pi
+        else:
+            gamma_a, gamma_g = 0.1 * a_mean, 0.1 * g_mean
+        damped_a = a_full + gamma_a * torch.eye(a_full.shape[0], dtype=a.dtype)
+        damped_g = g + gamma_g * torch.eye(g.shape[0], dtype=g.dtype)
         expected = torch.linalg.solve(damped_g, layer.grad_matrix()) @ torch.linalg.inv(damped_a)
         names = [n for n, p in model.named_parameters() if any(p is q for q in layer.params)]
         for name, param, update in zip(names, layer.params, layer.split(expected)):
@@ -275,6 +284,10 @@ def test_options_and_construction_errors():
         spec.parse_options("dampng=1")
     with pytest.raises(OptionsError, match="'method' must be 'inverse' \\| 'eigen'"):
         spec.parse_options("method=cholesky")
+    with pytest.raises(OptionsError, match="'damping_scale' must be 'absolute' \\| 'relative'"):
+        spec.parse_options("damping_scale=adaptive")
+    with pytest.raises(ValueError, match="damping_scale"):
+        Kfac(_net().parameters(), _net(), damping_scale="scaled")
     with pytest.raises(OptionsError, match="'lr' is set by --learning_rate"):
         spec.parse_options("lr=1")
     with pytest.raises(OptionsError, match="damping"):

@@ -185,8 +185,13 @@ def main():
                 parser.error(f"--lrs {override}: {name!r} is not an optimizer of task {task} ({', '.join(grid)})")
             grid[name] = tuple(float(v) for v in values.split(","))
         setup = bbc_task(device, ns.tiny) if task == "bbc" else image_task(task, device, ns.tiny)
-        rows = [run(task, name, lr, setup, settings, device, ns.kfac_options)
-                for name, lrs in grid.items() for lr in lrs]
+        rows = []
+        for name, lrs in grid.items():
+            for lr in lrs:
+                rows.append(run(task, name, lr, setup, settings, device, ns.kfac_options))
+                last = rows[-1]["curve"][-1]
+                print(f"{task} {name} lr={lr:g}: final eval loss {last['eval_loss']:.4f} after {last['seconds']} s",
+                      flush=True)
         target, lines = summarise(rows, settings["steps"])
         plot(task, rows, target, out)
         print(f"{task}: target eval loss {target:.4f}", flush=True)

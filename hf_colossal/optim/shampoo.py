@@ -755,8 +755,7 @@ class _KroneckerOptimizer(Optimizer):
         """Add the gradients to the factors (:func:`update_factors`). Where the group's recomputations overlap
         (``overlap_recompute``, on CUDA) this runs on their side stream, after the gradients are gathered: the
         factors are then read and written by that stream alone (its recomputations need no copy of them), and
-        their update leaves the critical path of the step (Anil et al. 2020, Sec. 5: statistics and roots are
-        computed off the step's path, the step itself only applies the roots)."""
+        their products leave the main stream, which only applies the roots."""
         stream = self._side_stream(grads.device) if self._recomputes_overlap(group) else None
         factors = bucket.stacks["factor_left"], bucket.stacks["factor_right"]
         if stream is not None:
@@ -969,10 +968,10 @@ class Shampoo(_KroneckerOptimizer):
         overlap_recompute: roots recomputed at step :math:`t` (from the factors including :math:`G_t`) are used
             from step :math:`t+1`; on CUDA their computation runs on a side stream, overlapping the next forward
             and backward, and so do the factor updates (on the CPU both run in line, with the same one-step delay,
-            so both compute the same). The
-            first recomputation (at the start step) and ``root_inverse="eigh"`` (``eigh`` synchronises the host
-            with the GPU) are used at once either way. False: used at step :math:`t`, computed in line.
-            ``state_dict()`` (and pickling) take a pending result in first, so a resumed run continues exactly.
+            so both compute the same). The first recomputation (at the start step) and ``root_inverse="eigh"``
+            (``eigh`` synchronises the host with the GPU) are used at once either way. False: used at step
+            :math:`t`, computed in line. ``state_dict()`` (and pickling) take a pending result in first, so a
+            resumed run continues exactly.
             Under DDP with NCCL the results' ``all_reduce`` is issued from the side stream; the gradient
             all-reduces of the next backward queue behind it on NCCL's stream (not measured on GPUs yet).
         nonfinite: a step with an inf/NaN gradient: ``"skip"`` (counted in ``nonfinite_skips``, one host sync per

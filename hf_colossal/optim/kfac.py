@@ -148,9 +148,10 @@ def factored_damping(a_factor: Tensor, g_factor: Tensor, damping: float, pi_corr
     trace is not positive). With ``relative``, :math:`\lambda` is a fraction of the layer's curvature scale
     :math:`\bar a \bar g` (the mean eigenvalue of :math:`A \otimes G`): the terms become
     :math:`(\sqrt\lambda\, \bar a, \sqrt\lambda\, \bar g)` with ``pi_correction``, so every layer is damped alike
-    whatever the scale of its activations and output gradients, which in a fine-tuned transformer spans six orders
-    of magnitude across layers (an absolute :math:`\lambda` that suits the classifier turns the inner layers'
-    preconditioners into multiples of the identity). Where a trace is not positive (a layer without statistics)
+    whatever the scale of its activations and output gradients. That scale spans six orders of magnitude across
+    the layers of MiniLM (1.5e-9 to 1.1e-3), where an absolute :math:`\lambda = 10^{-3}` leaves the inner layers'
+    preconditioners nearly multiples of the identity; relative damping did worse than that there
+    (``benchmarks/RESULTS.md``, K-FAC quality). Where a trace is not positive (a layer without statistics)
     the absolute :math:`\lambda` is used. A 1-D ``a_factor`` is a diagonal factor. Returns 0-d tensors; no host
     synchronisation.
     """

@@ -900,14 +900,14 @@ def stacked_moments(
     (1 for RMSprop / AdaGrad). Returns ``d`` (where ``direction``) and its Frobenius norm per block (where
     ``norms``; deterministic: fixed-order partial sums). 20 B/element without ``d`` (Shampoo's grafting needs only
     its norms), 24 with it; the eager ``torch._foreach_*`` path moves about 68."""
-    n = grads.shape[0]
-    numel = grads[0].numel() if n else 0
+    n, numel = grads.shape[0], grads.shape[1:].numel()
     chunks = max(1, -(-numel // (MOMENTS_BLOCK * MOMENTS_ITERS)))
     out = torch.empty_like(grads) if direction else grads
     partial = torch.empty((n, chunks), dtype=torch.float32, device=grads.device) if norms else grads
     if n and numel:
         _load().stacked_moments[(n, chunks)](
             grads, exp_avgs, exp_avg_sqs, out, partial, numel, chunks, beta1, beta2, bias_correction2, eps,
-            SMALL_WEIGHT=1 - beta1 < 0.5, SUM=rule == "sum", DIRECTION=direction, NORMS=norms, BLOCK=MOMENTS_BLOCK, ITERS=MOMENTS_ITERS)
+            SMALL_WEIGHT=1 - beta1 < 0.5, SUM=rule == "sum", DIRECTION=direction, NORMS=norms,
+            BLOCK=MOMENTS_BLOCK, ITERS=MOMENTS_ITERS)
     block_norms = partial.sum(dim=1).sqrt() if norms else None
     return (out if direction else None), block_norms

@@ -23,7 +23,8 @@ Shampoo / SOAP (names ending in _f10 / _f100: preconditioners recomputed every 1
 ours ("shampoo_*", "soap_*"; suffixes "_bf16" / "_fp32" = matmul_dtype=bfloat16 / float32 instead of the default
 tfloat32, "_eigh" / "_newton" = root_inverse=eigh / newton instead of the default qr, "_rtf32" = SOAP's
 rotation_dtype=tfloat32, "_apply" = nonfinite=apply (no non-finite check), "_inline" = overlap_recompute=False,
-"_together" = stagger_recompute=False (all blocks on one step of each period), e.g. "shampoo_f10_eigh_fp32"), pytorch-optimizer's SOAP ("po_soap") and Meta's
+"_together" = stagger_recompute=False (all blocks on one step of each period), "_graph" =
+graph_recompute=True (recomputation batches replayed as CUDA graphs), e.g. "shampoo_f10_eigh_fp32"), pytorch-optimizer's SOAP ("po_soap") and Meta's
 distributed_shampoo ("meta_*", imported from the folder in $HF_COLOSSAL_PEERS, e.g. a checkout's root, with the
 settings of ../shared/bench/anchor_steps.py). Their timing starts after the first preconditioned step (warm-up
 f + 5 steps) and runs over a whole number of recompute periods (60 steps for f10, 200 for f100), so the reported
@@ -58,7 +59,8 @@ BYTES_PER_PARAM = {"adamw_fused": 28, "lamb": 28, "lamb_apply": 28, "lamb_foreac
 
 SUFFIX_OPTIONS = {"bf16": "matmul_dtype=bfloat16", "fp32": "matmul_dtype=float32", "eigh": "root_inverse=eigh",
                   "newton": "root_inverse=newton", "rtf32": "rotation_dtype=tfloat32", "apply": "nonfinite=apply",
-                  "inline": "overlap_recompute=False", "together": "stagger_recompute=False"}
+                  "inline": "overlap_recompute=False", "together": "stagger_recompute=False",
+                  "graph": "graph_recompute=True"}
 
 
 def is_second_order(name):

@@ -62,6 +62,16 @@ def block_slices(rows: int, cols: int, max_dim: int) -> list[BlockSlices]:
     ]
 
 
+def block_views(matrix: Tensor, max_dim: int) -> list[Tensor]:
+    """The blocks of ``matrix`` (2-D) in :func:`block_slices`' order, as views: one ``split`` per dimension that
+    is cut (a step takes the blocks of every gradient, and each view operation costs host time)."""
+    rows, cols = matrix.shape
+    row_blocks = matrix.split(max_dim, 0) if rows > max_dim else (matrix,)
+    if cols <= max_dim:
+        return list(row_blocks)
+    return [block for row_block in row_blocks for block in row_block.split(max_dim, 1)]
+
+
 def block_shape(slices: BlockSlices) -> tuple[int, int]:
     rows, cols = slices
     return rows.stop - rows.start, cols.stop - cols.start
@@ -85,11 +95,13 @@ class BlockBucket:
         entries: list[tuple[Tensor, tuple[int, int], int, BlockSlices]],
         state: dict[Tensor, dict],
         keys: tuple[str, ...],
+        max_dim: int,
     ) -> None:
         self.group_index = group_index
         self.step = step
         self.shape = shape
         self.entries = entries
+        self.max_dim = max_dim
         self.stacks: dict[str, Tensor] = {}
         for key in keys:
             stack = torch.stack([state[param][key][index] for param, _, index, _ in entries])
@@ -97,9 +109,9 @@ class BlockBucket:
                 state[param][key][index] = stack[i]
             self.stacks[key] = stack
         #: Views of the parameters' blocks, through which the update is written (the parameters' storage is fixed).
-        self.param_blocks = [param.view(matrix)[rows, cols] for param, matrix, _, (rows, cols) in entries]
-        #: Which blocks are contiguous views (whole rows of their parameter): a multi-tensor kernel reads or writes
-        #: them all at once; the others (column blocks) take one copy each.
+        self.param_blocks = [block_views(param.view(matrix), max_dim)[index] for param, matrix, index, _ in entries]
+        #: Which blocks are contiguous views (whole rows of their parameter): a multi-tensor kernel writes them all
+        #: at once; the others (column blocks) take a kernel each.
         self._dense, self._strided = _split_by_contiguity(self.param_blocks)
         first = entries[0][0]
         self.math_dtype = torch.float32 if first.dtype in (torch.float16, torch.bfloat16) else first.dtype
@@ -112,44 +124,36 @@ class BlockBucket:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def gather_grads(self) -> Tensor:
+    def gather_grads(self, grad_blocks: dict[Tensor, list[Tensor]]) -> Tensor:
         """The gradient of every block, copied into the persistent ``(n, rows, cols)`` buffer in the math dtype:
-        one multi-tensor copy for the blocks whose gradient views are contiguous, one copy for each other block.
-        (Gradients may be laid out unlike their parameters, so this split is taken per call.) Where another stream
-        still reads the last gradients (``gathered_read``), the current stream waits for it first."""
+        one multi-tensor copy for the blocks whose gradient views are contiguous, one for the others (gradients
+        may be laid out unlike their parameters, so this split is taken per call). ``grad_blocks`` caches each
+        parameter's gradient blocks across the buckets of a step. Where another stream still reads the last
+        gradients (``gathered_read``), the current stream waits for it first."""
         if self.gathered_read is not None:
             torch.cuda.current_stream(self._gathered.device).wait_event(self.gathered_read)
             self.gathered_read = None
-        views = [_block_view(param.grad, matrix, rows, cols) for param, matrix, _, (rows, cols) in self.entries]
-        dense, strided = _split_by_contiguity(views)
-        if dense:
-            torch._foreach_copy_([self._gathered_blocks[i] for i in dense], [views[i] for i in dense])
-        for i in strided:
-            self._gathered_blocks[i].copy_(views[i])
+        views = []
+        for param, matrix, index, _ in self.entries:
+            blocks = grad_blocks.get(param)
+            if blocks is None:
+                grad = param.grad
+                blocks = grad_blocks[param] = block_views(grad if grad.shape == matrix else grad.reshape(matrix),
+                                                          self.max_dim)
+            views.append(blocks[index])
+        for indices in _split_by_contiguity(views):
+            if indices:
+                torch._foreach_copy_([self._gathered_blocks[i] for i in indices], [views[i] for i in indices])
         return self._gathered
 
     def add_to_params(self, updates: Tensor, alpha: float) -> None:
-        """``block_i += alpha * updates[i]`` for every parameter block: one multi-tensor kernel for the contiguous
-        blocks (where the parameters have the updates' dtype; torch runs the others one tensor at a time), one
-        ``add_`` for each other block."""
+        """``block_i += alpha * updates[i]`` for every parameter block: one multi-tensor call for the contiguous
+        blocks, one for the others (torch runs a list of strided tensors, or of parameters of another dtype than
+        the updates, one kernel per tensor)."""
         rows = updates.unbind(0)
-        if self._dense:
-            torch._foreach_add_([self.param_blocks[i] for i in self._dense], [rows[i] for i in self._dense],
-                                alpha=alpha)
-        for i in self._strided:
-            self.param_blocks[i].add_(rows[i], alpha=alpha)
-
-
-def _block_view(tensor: Tensor, matrix: tuple[int, int], rows: slice, cols: slice) -> Tensor:
-    """``tensor.reshape(matrix)[rows, cols]`` with only the view operations the block needs (none for a whole
-    matrix): a step takes one such view per block, and each operation costs host time."""
-    if tensor.shape != matrix:
-        tensor = tensor.reshape(matrix)
-    if rows.stop - rows.start != matrix[0]:
-        tensor = tensor.narrow(0, rows.start, rows.stop - rows.start)
-    if cols.stop - cols.start != matrix[1]:
-        tensor = tensor.narrow(1, cols.start, cols.stop - cols.start)
-    return tensor
+        for indices in (self._dense, self._strided):
+            if indices:
+                torch._foreach_add_([self.param_blocks[i] for i in indices], [rows[i] for i in indices], alpha=alpha)
 
 
 def _split_by_contiguity(tensors: list[Tensor]) -> tuple[list[int], list[int]]:

@@ -313,21 +313,22 @@ def params_with_grads(
     grads: list[Tensor] = []
     names = group.get("param_names")
     for index, param in enumerate(group["params"]):
-        if param.grad is None:
+        grad = param.grad
+        if grad is None:
             continue
-        if param.grad.is_sparse or torch.is_complex(param):
+        if grad.is_sparse or param.is_complex():
             label = repr(names[index]) if names else f"#{index} of param group {group_index}"
-            problem = "sparse gradients" if param.grad.is_sparse else "complex parameters"
+            problem = "sparse gradients" if grad.is_sparse else "complex parameters"
             remedy = (
                 "use torch.optim.SparseAdam or a dense embedding"
-                if param.grad.is_sparse
+                if grad.is_sparse
                 else "optimize torch.view_as_real(param) instead"
             )
             raise ValueError(
                 f"{optimizer_name} does not support {problem} (parameter {label} shape {tuple(param.shape)}); {remedy}"
             )
         params.append(param)
-        grads.append(param.grad)
+        grads.append(grad)
     return params, grads
 
 

@@ -155,6 +155,7 @@ class ShampooConfig(OptimizerConfig):
         True, "use recomputed roots from the next step; on CUDA computed on a side stream behind forward/backward "
         "(not with root_inverse=eigh)"
     )
+    graph_recompute: bool = _opt(False, "on CUDA, replay the qr/newton recomputation batches as CUDA graphs")
     nonfinite: Literal["skip", "error", "apply"] = _opt("skip", "on inf/NaN grads: skip the step, raise, or apply")
 
 
@@ -182,6 +183,7 @@ class SoapConfig(OptimizerConfig):
         True, "use refreshed eigenbases from the next step; on CUDA refreshed on a side stream behind "
         "forward/backward (not with eigenbasis_update=eigh)"
     )
+    graph_recompute: bool = _opt(False, "on CUDA, replay the qr refresh batches as CUDA graphs")
     nonfinite: Literal["skip", "error", "apply"] = _opt("skip", "on inf/NaN grads: skip the step, raise, or apply")
 
 

@@ -1,5 +1,6 @@
 """CPU and CUDA give the same LAMB / LARS result (within fp32 rounding), in fp32, bf16 and fp16; Shampoo and SOAP
-give the same result with their recomputations on a side CUDA stream as on the main stream.
+give the same result with their recomputations on a side CUDA stream as on the main stream, and replayed as CUDA
+graphs as run eagerly.
 
 Skipped where there is no GPU; run on the device machine with `pytest tests/optim/test_devices.py`.
 """
@@ -9,7 +10,7 @@ from unittest import mock
 import pytest
 import torch
 
-from hf_colossal.optim import Lamb, Lars, Shampoo, Soap, shampoo
+from hf_colossal.optim import Lamb, Lars, Shampoo, Soap, _graphs, shampoo
 from hf_colossal.optim.shampoo import update_factors
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -73,7 +74,8 @@ def _train_on_cuda(cls, *, side_stream=True, wait=True, join=True, steps=12):
     compute, accept = optimizer._refresh, optimizer._accept_recomputed
 
     def slow_refresh(key, inputs):
-        torch.cuda._sleep(SLEEP_CYCLES)
+        if torch.cuda.current_stream() != torch.cuda.default_stream():  # only what overlaps the main stream
+            torch.cuda._sleep(SLEEP_CYCLES)
         return compute(key, inputs)
 
     def slow_update_factors(*args, **kwargs):
@@ -119,3 +121,80 @@ def test_without_the_stream_waits_the_side_stream_results_are_wrong(cls, control
     in_line, _ = _train_on_cuda(cls, side_stream=False)
     unsynchronised, _ = _train_on_cuda(cls, wait=control != "no_event_wait", join=control != "no_join")
     assert any(not torch.allclose(got, expected, rtol=1e-3, atol=1e-5) for got, expected in zip(unsynchronised, in_line))
+
+
+def _factors_and_bases(rows, size=64, seed=0):
+    """Well-conditioned factors (eigenvalues about 0.25 to 2.3) and bases near their eigenvectors, so the
+    comparison measures the graph, not the round-off of a badly conditioned refresh."""
+    generator = torch.Generator().manual_seed(seed)
+    grads = torch.randn(rows, size, 4 * size, generator=generator, dtype=torch.float64)
+    factors = grads @ grads.mT / (4 * size)
+    vectors = torch.linalg.eigh(factors)[1]
+    bases = torch.linalg.qr(vectors + 0.01 * torch.randn(vectors.shape, generator=generator, dtype=torch.float64))[0]
+    return factors.float().cuda(), bases.float().cuda()
+
+
+@cuda
+def test_recompute_graphs_capture_pad_and_grow():
+    """A kind's first batch runs eagerly, the second is captured; a smaller batch is padded, a larger one is
+    captured again. Every result equals the eager computation on the same rows."""
+    graphs = _graphs.RecomputeGraphs()
+    key = ("qr", 4, 1e-12)
+    for expected_captures, rows in zip([0, 1, 1, 2, 2], [3, 2, 1, 5, 4]):
+        factors, bases = _factors_and_bases(rows, seed=rows)
+        pieces = [[factors[:1], factors[1:]], [bases[:1], bases[1:]]]
+        got = graphs(Shampoo._refresh, key, pieces)
+        expected = Shampoo._refresh(key, (factors, bases))
+        assert graphs.captures == expected_captures
+        assert all(g.shape[0] == rows for g in got)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    assert graphs.replays == 4
+
+
+@cuda
+def test_recompute_graphs_run_a_kind_eagerly_after_its_capture_fails():
+    """A recomputation that synchronises the host cannot be captured: the failed capture warns once, and that
+    kind runs eagerly from then on with the eager result."""
+
+    def synchronising(key, inputs):
+        return (inputs[0] * float(inputs[0].abs().max()),)
+
+    graphs = _graphs.RecomputeGraphs()
+    factors, _ = _factors_and_bases(3)
+    expected = synchronising(("sync",), (factors,))
+    for call in range(3):
+        if call == 1:
+            with pytest.warns(RuntimeWarning, match="capture of the 'sync' recomputations failed"):
+                got = graphs(synchronising, ("sync",), [[factors]])
+        else:
+            got = graphs(synchronising, ("sync",), [[factors]])
+        torch.testing.assert_close(got[0], expected[0])
+    assert graphs.captures == 0 and graphs.replays == 0
+
+
+def _train_graphed(cls, graph_recompute, steps=12):
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=generator).cuda().requires_grad_() for s in SIDE_STREAM_SHAPES]
+    grads = [[0.1 * torch.randn(s, generator=generator).cuda() for s in SIDE_STREAM_SHAPES] for _ in range(steps)]
+    optimizer = cls(params, lr=1e-3, max_preconditioner_dim=256, precondition_frequency=2,
+                    graph_recompute=graph_recompute)
+    for step_grads in grads:
+        for param, grad in zip(params, step_grads):
+            param.grad = grad
+        optimizer.step()
+    torch.cuda.synchronize()
+    return [param.detach().cpu() for param in params], optimizer
+
+
+@cuda
+@pytest.mark.parametrize("cls", [Shampoo, Soap])
+def test_graphed_recomputations_equal_the_eager_ones(cls):
+    """Staggered recomputations (batches of 10 and 11 blocks of 256, 2 of 200) replayed as CUDA graphs train as
+    the eager ones do."""
+    graphed, optimizer = _train_graphed(cls, True)
+    assert optimizer._recompute_graphs.replays >= 6 and optimizer.preconditioner_failures() == 0
+    eager, optimizer = _train_graphed(cls, False)
+    assert optimizer._recompute_graphs.captures == 0
+    for got, expected in zip(graphed, eager):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

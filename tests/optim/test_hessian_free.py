@@ -279,3 +279,22 @@ def test_weight_decay_enters_the_objective(digits):
         opt.step(HessianFreeBatch(targets=x, loss="sigmoid_bce", args=(x,)))
     assert torch.cat([p.detach().reshape(-1) for p in model.parameters()]).norm() < 0.5 * norm
     assert opt.last_step["objective_after"] < opt.last_step["objective_before"]
+
+
+def test_each_evaluation_of_a_step_draws_the_same_dropout_masks():
+    """With dropout in training mode, every forward of one step (gradient, Gauss-Newton products, line search)
+    runs under the step's seed: the same masks each time, those ``torch.manual_seed(seed)`` gives, and other masks
+    at the next step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Dropout(0.5), nn.Linear(32, 3)).train()
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    optimizer = HessianFree(model.parameters(), model)
+    batch = HessianFreeBatch(targets=y, loss="cross_entropy", args=(x,))
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    outputs = []
+    for seed in (5, 5, 6):
+        forward = optimizer._forward_fn(batch, seed)
+        outputs.append(forward(params))
+        torch.manual_seed(seed)
+        assert torch.equal(outputs[-1], model(x).detach())
+    assert torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[0], outputs[2])

@@ -251,7 +251,8 @@ def _save_indices(max_iters: int, gamma: float) -> set[int]:
 
 def preconditioned_cg(matvec: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor | None = None,
                       inverse_preconditioner: Tensor | None = None, *, max_iters: int = 250,
-                      tolerance: float = 5e-4, backtrack_gamma: float = 1.3) -> CgResult:
+                      tolerance: float = 5e-4, backtrack_gamma: float = 1.3,
+                      lookahead: bool | None = None) -> CgResult:
     """Minimise :math:`\\phi(x) = \\tfrac12 x^\\top A x - b^\\top x` (``matvec`` gives :math:`Ax`, :math:`A`
     symmetric positive definite) by preconditioned conjugate gradient (Martens 2010 Algorithm 2).
 
@@ -259,7 +260,14 @@ def preconditioned_cg(matvec: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor 
     :math:`\\phi(x) = -\\tfrac12 x^\\top (b + r)`. Martens' relative-progress rule (Sec. 4.4, eq. after (4)):
     stop at iteration :math:`i` when :math:`i > k`, :math:`\\phi(x_i) < 0` and
     :math:`(\\phi(x_i) - \\phi(x_{i-k}))/\\phi(x_i) < k\\,\\epsilon`, :math:`k = \\max(10, \\lceil 0.1 i\\rceil)`.
-    A non-positive or non-finite curvature :math:`p^\\top A p` ends the run at the previous iterate."""
+    A zero residual ends the run, and a non-positive or non-finite curvature :math:`p^\\top A p` ends it at the
+    previous iterate.
+
+    The host reads the scalars these decisions need once per iteration, as one small tensor. With ``lookahead``
+    (default: on CUDA) it reads iteration :math:`i`'s only after it has queued iteration :math:`i+1`, so the
+    device computes while the host launches the next product; an iteration queued past the stop is discarded
+    (one product more than without it, the same result)."""
+    lookahead = b.is_cuda if lookahead is None else lookahead
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     r = b.clone() if x0 is None or not bool(x0.any()) else b - matvec(x)
     y = r if inverse_preconditioner is None else inverse_preconditioner * r
@@ -268,37 +276,58 @@ def preconditioned_cg(matvec: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor 
     phis = [float(-0.5 * torch.dot(x, b + r))]
     saved = _save_indices(max_iters, backtrack_gamma)
     iterates: list[tuple[int, Tensor, float]] = []
-    stop, i = "max_iters", 0
-    for i in range(1, max_iters + 1):
-        if float(ry) == 0.0:
-            stop, i = "converged", i - 1
-            break
+    accepted = (0, x)  # the last iterate that passed its checks
+    queued: list[tuple[int, Tensor, Tensor]] = []  # (i, x_i, [ry_(i-1), p^T A p, finite, phi(x_i)]) not yet read
+
+    def launch(i: int) -> None:
+        """Queue iteration ``i`` from the current direction, without reading anything back."""
+        nonlocal x, r, y, p, ry
         ap = matvec(p)
         curvature = torch.dot(p, ap)
-        if not bool(torch.isfinite(curvature)) or not bool(torch.isfinite(ap).all()):
-            stop, i = "nonfinite", i - 1
-            break
-        if float(curvature) <= 0.0:
-            stop, i = "nonpositive_curvature", i - 1
-            break
+        finite = (torch.isfinite(curvature) & torch.isfinite(ap).all()).to(curvature.dtype)
         alpha = ry / curvature
         x = x + alpha * p
         r = r - alpha * ap
         y = r if inverse_preconditioner is None else inverse_preconditioner * r
         ry_new = torch.dot(r, y)
+        phi = -0.5 * torch.dot(x, b + r)
+        queued.append((i, x, torch.stack([ry, curvature, finite, phi])))
         p = y + (ry_new / ry) * p
         ry = ry_new
-        phi = float(-0.5 * torch.dot(x, b + r))
+
+    def read() -> str | None:
+        """Check the oldest queued iteration: accept it, or return why the run stops."""
+        nonlocal accepted
+        i, x_i, scalars = queued.pop(0)
+        ry_before, curvature, finite, phi = scalars.tolist()
+        if ry_before == 0.0:
+            return "converged"
+        if not finite:
+            return "nonfinite"
+        if curvature <= 0.0:
+            return "nonpositive_curvature"
         phis.append(phi)
+        accepted = (i, x_i)
         if i in saved:
-            iterates.append((i, x, phi))
+            iterates.append((i, x_i, phi))
         k = max(10, math.ceil(0.1 * i))
         if i > k and phi < 0 and (phi - phis[i - k]) / phi < k * tolerance:
-            stop = "relative_progress"
-            break
-    if not iterates or iterates[-1][0] != i:
-        iterates.append((i, x, phis[i]))
-    return CgResult(x=x, phi=phis[i], iterations=i, stop=stop, iterates=iterates, phis=phis)
+            return "relative_progress"
+        return None
+
+    stop = None
+    for i in range(1, max_iters + 1):
+        launch(i)
+        if len(queued) > int(lookahead):
+            stop = read()
+            if stop is not None:
+                break
+    while stop is None and queued:
+        stop = read()
+    last, x = accepted
+    if not iterates or iterates[-1][0] != last:
+        iterates.append((last, x, phis[last]))
+    return CgResult(x=x, phi=phis[last], iterations=last, stop=stop or "max_iters", iterates=iterates, phis=phis)
 
 
 def backtrack_iterates(iterates: list[tuple[int, Tensor, float]],

@@ -137,6 +137,34 @@ def test_cg_stops_on_nonfinite_or_nonpositive_curvature_with_a_finite_iterate():
     assert negative.stop == "nonpositive_curvature" and negative.iterations == 0 and not negative.x.any()
 
 
+@pytest.mark.parametrize("case", ["relative_progress", "max_iters", "converged", "nonfinite", "nonpositive_curvature"])
+def test_cg_reading_its_scalars_one_iteration_late_gives_the_same_run(case):
+    """``lookahead`` (the CUDA default: the host queues iteration i+1 before it reads iteration i's scalars)
+    changes no decision and no iterate; it costs at most one product more."""
+    a, b = _spd(300, 1e4, seed=1)
+    if case == "converged":
+        b = torch.zeros_like(b)
+    results, products = [], []
+    for lookahead in (False, True):
+        calls = []
+
+        def matvec(v):
+            calls.append(1)
+            if case == "nonfinite" and len(calls) >= 8:
+                return torch.full_like(v, float("nan"))
+            return -(a @ v) if case == "nonpositive_curvature" else a @ v
+
+        max_iters = 15 if case == "max_iters" else 300
+        results.append(preconditioned_cg(matvec, b, max_iters=max_iters, lookahead=lookahead))
+        products.append(len(calls))
+    plain, ahead = results
+    assert plain.stop == case and ahead.stop == case
+    assert plain.iterations == ahead.iterations and plain.phis == ahead.phis
+    assert torch.equal(plain.x, ahead.x)
+    assert [(i, phi) for i, _, phi in plain.iterates] == [(i, phi) for i, _, phi in ahead.iterates]
+    assert products[0] <= products[1] <= products[0] + 1
+
+
 def test_levenberg_marquardt_rule():
     assert levenberg_marquardt(1.0, 0.1) == pytest.approx(1.5)
     assert levenberg_marquardt(1.0, 0.9) == pytest.approx(2 / 3)

@@ -8,7 +8,11 @@ timed steps run back to back without a device sync (as a training loop does), so
 stream overlaps the next step as it would in training; "step ms mean" is the first timed step's start to the last
 one's end, over the number of steps.
 
-    python benchmarks/optimizer_step.py [--model llama271m|bert_base] [name ...]
+    python benchmarks/optimizer_step.py [--model llama271m|bert_base] [--repeat N] [name ...]
+
+On the H200 hosts one process's whole step can differ from the next process's by 10-15% for the same code, so
+effects of a few percent need ``--repeat``: the list runs N times, each round starting one name later, and a last
+table gives each round's ratio to that round's AdamW and their median.
 
 Prints one JSON line per optimizer, then a table with ratios to AdamW(fused) (LAMB) and SGD(foreach) (LARS)
 and the achieved bandwidth as a fraction of the measured copy bandwidth (28 bytes per fp32 parameter for an
@@ -43,6 +47,7 @@ backward hooks, so only "step ms mean" compares it. $HF_COLOSSAL_PEERS may list 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -274,6 +279,9 @@ def main():
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--fused-config", help="BLOCK,ITERS,NUM_WARPS of the fused Triton kernels (tuning)")
     parser.add_argument("--profile", metavar="DIR", help="write DIR/<name>_profile.txt (torch.profiler tables)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the whole list this many times, each round starting one name later, and add a "
+                             "table of each round's ratio to the same round's AdamW (paired, against host drift)")
     parser.add_argument("names", nargs="*", default=NAMES)
     ns = parser.parse_args()
     if ns.one:
@@ -289,20 +297,23 @@ def main():
     bandwidth = copy_bandwidth_tb_s()
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} transformers {transformers.__version__}"
           f" copy bandwidth {bandwidth:.2f} TB/s model {ns.model}", flush=True)
-    rows = {}
-    for name in ns.names:
-        started = time.time()
-        config = ["--fused-config", ns.fused_config] if ns.fused_config else []
-        config += ["--profile", ns.profile] if ns.profile else []
-        out = subprocess.run([sys.executable, __file__, "--model", ns.model, "--one", name, *config],
-                             capture_output=True, text=True, timeout=600)
-        line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-        if not line:
-            print(f"FAIL {name}: {out.stderr[-1500:]}", flush=True)
-            continue
-        rows[name] = json.loads(line[0][7:])
-        rows[name]["wall_s"] = round(time.time() - started, 1)
-        print(json.dumps(rows[name]), flush=True)
+    rows, rounds = {}, []
+    for round_index in range(ns.repeat):
+        shift = round_index % len(ns.names)
+        rounds.append({})
+        for name in ns.names[shift:] + ns.names[:shift]:
+            started = time.time()
+            config = ["--fused-config", ns.fused_config] if ns.fused_config else []
+            config += ["--profile", ns.profile] if ns.profile else []
+            out = subprocess.run([sys.executable, __file__, "--model", ns.model, "--one", name, *config],
+                                 capture_output=True, text=True, timeout=600)
+            line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+            if not line:
+                print(f"FAIL {name}: {out.stderr[-1500:]}", flush=True)
+                continue
+            rows[name] = rounds[-1][name] = json.loads(line[0][7:])
+            rows[name].update(wall_s=round(time.time() - started, 1), round=round_index)
+            print(json.dumps(rows[name]), flush=True)
     print("\n| optimizer | step ms median | step ms mean | step mean / AdamW's | opt ms mean | opt host ms mean |"
           " opt / baseline | achieved / copy bandwidth | peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -315,6 +326,22 @@ def main():
         achieved = bytes_per_param * r["params_M"] * 1e6 / (r["opt_ms_mean"] / 1e3) / 1e12
         print(f"| {name} | {r['step_ms_median']} | {r['step_ms_mean']} | {step_ratio:.2f} | {r['opt_ms_mean']} |"
               f" {r['opt_host_ms_mean']} | {ratio:.2f} | {achieved / bandwidth:.2f} | {r['peak_GiB']} |")
+    if ns.repeat > 1:
+        print_paired_ratios(rounds)
+
+
+def print_paired_ratios(rounds):
+    """Per name: each round's step mean over the same round's AdamW, and their median (the last table's
+    ratios come from one round and so carry the process-to-process spread of one pair)."""
+    print("\n| optimizer | step ms mean per round | / AdamW per round | median / AdamW |")
+    print("|---|---|---|---|")
+    for name in dict.fromkeys(name for round_rows in rounds for name in round_rows):
+        steps = [r[name]["step_ms_mean"] for r in rounds if name in r]
+        ratios = [r[name]["step_ms_mean"] / r["adamw_fused"]["step_ms_mean"]
+                  for r in rounds if name in r and "adamw_fused" in r]
+        median = statistics.median(ratios) if ratios else float("nan")
+        print(f"| {name} | {', '.join(f'{v:.1f}' for v in steps)} | {', '.join(f'{v:.3f}' for v in ratios)} |"
+              f" {median:.3f} |")
 
 
 if __name__ == "__main__":

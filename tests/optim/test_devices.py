@@ -66,11 +66,13 @@ SIDE_STREAM_SHAPES = [(768, 512), (512, 512), (300, 200), (64,)]
 SLEEP_CYCLES = 50_000_000
 
 
-def _train_on_cuda(cls, *, side_stream=True, wait=True, join=True, steps=12):
+def _train_on_cuda(cls, *, side_stream=True, wait=True, join=True, slow=True, steps=12, **options):
+    """Train SIDE_STREAM_SHAPES parameters on fixed gradients with ``cls(..., **options)``; ``slow``: every
+    side-stream recomputation and every factor update spins first."""
     generator = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=generator).cuda().requires_grad_() for s in SIDE_STREAM_SHAPES]
     grads = [[0.1 * torch.randn(s, generator=generator).cuda() for s in SIDE_STREAM_SHAPES] for _ in range(steps)]
-    optimizer = cls(params, lr=1e-3, max_preconditioner_dim=256, precondition_frequency=2)
+    optimizer = cls(params, lr=1e-3, max_preconditioner_dim=256, precondition_frequency=2, **options)
     compute, accept = optimizer._refresh, optimizer._accept_recomputed
 
     def slow_refresh(key, inputs):
@@ -82,14 +84,15 @@ def _train_on_cuda(cls, *, side_stream=True, wait=True, join=True, steps=12):
         torch.cuda._sleep(SLEEP_CYCLES)
         return update_factors(*args, **kwargs)
 
-    optimizer._refresh = slow_refresh
+    if slow:
+        optimizer._refresh = slow_refresh
     if not side_stream:
         optimizer._side_stream = lambda device: None
     if not wait:  # a negative control: take the results in without waiting for the side stream
         optimizer._accept_recomputed = lambda due, per_job, events: accept(due, per_job, [])
     if not join:  # a negative control: the first (in-line) recomputation does not wait for the factor updates
         optimizer._join_side_streams = lambda: None
-    with mock.patch.object(shampoo, "update_factors", slow_update_factors):
+    with mock.patch.object(shampoo, "update_factors", slow_update_factors if slow else update_factors):
         for step_grads in grads:
             for param, grad in zip(params, step_grads):
                 param.grad = grad
@@ -173,28 +176,14 @@ def test_recompute_graphs_run_a_kind_eagerly_after_its_capture_fails():
     assert graphs.captures == 0 and graphs.replays == 0
 
 
-def _train_graphed(cls, graph_recompute, steps=12):
-    generator = torch.Generator().manual_seed(0)
-    params = [torch.randn(s, generator=generator).cuda().requires_grad_() for s in SIDE_STREAM_SHAPES]
-    grads = [[0.1 * torch.randn(s, generator=generator).cuda() for s in SIDE_STREAM_SHAPES] for _ in range(steps)]
-    optimizer = cls(params, lr=1e-3, max_preconditioner_dim=256, precondition_frequency=2,
-                    graph_recompute=graph_recompute)
-    for step_grads in grads:
-        for param, grad in zip(params, step_grads):
-            param.grad = grad
-        optimizer.step()
-    torch.cuda.synchronize()
-    return [param.detach().cpu() for param in params], optimizer
-
-
 @cuda
 @pytest.mark.parametrize("cls", [Shampoo, Soap])
 def test_graphed_recomputations_equal_the_eager_ones(cls):
     """Staggered recomputations (batches of 10 and 11 blocks of 256, 2 of 200) replayed as CUDA graphs train as
     the eager ones do."""
-    graphed, optimizer = _train_graphed(cls, True)
+    graphed, optimizer = _train_on_cuda(cls, slow=False, graph_recompute=True)
     assert optimizer._recompute_graphs.replays >= 6 and optimizer.preconditioner_failures() == 0
-    eager, optimizer = _train_graphed(cls, False)
+    eager, optimizer = _train_on_cuda(cls, slow=False, graph_recompute=False)
     assert optimizer._recompute_graphs.captures == 0
     for got, expected in zip(graphed, eager):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

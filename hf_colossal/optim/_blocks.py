@@ -109,7 +109,11 @@ class BlockBucket:
                 state[param][key][index] = stack[i]
             self.stacks[key] = stack
         #: Views of the parameters' blocks, through which the update is written (the parameters' storage is fixed).
-        self.param_blocks = [block_views(param.view(matrix), max_dim)[index] for param, matrix, index, _ in entries]
+        blocks: dict[Tensor, list[Tensor]] = {}
+        for param, matrix, _, _ in entries:
+            if param not in blocks:
+                blocks[param] = block_views(param.view(matrix), max_dim)
+        self.param_blocks = [blocks[param][index] for param, _, index, _ in entries]
         #: Which blocks are contiguous views (whole rows of their parameter): a multi-tensor kernel writes them all
         #: at once; the others (column blocks) take a kernel each.
         self._dense, self._strided = _split_by_contiguity(self.param_blocks)

@@ -10,8 +10,9 @@ off every step.
 A batch is a pure function of stacked inputs, so one graph per kind of batch serves every step: the inputs are
 copied into the graph's static input stacks and the graph replayed. Batches of one kind differ in their number of
 rows (staggered recomputations take different blocks at each step), so the static stacks hold the largest batch
-seen and a smaller one is padded with identity matrices, a valid input of every recomputation here (a
-positive-definite factor, an orthonormal basis); their results are left unread. The graph of a kind is captured
+seen. Rows past a smaller batch keep what they held: identity matrices (a valid input of every recomputation
+here: a positive-definite factor, an orthonormal basis) or an earlier batch's inputs. Each matrix's result depends
+on its own inputs only, and those rows' results are left unread. The graph of a kind is captured
 at its second batch (the first runs eagerly: it initialises the libraries the capture calls into) and captured
 again when a larger batch comes.
 """
@@ -39,20 +40,24 @@ class BatchGraph:
     and dtypes of ``layout``'s ``(shape of one row, dtype)``."""
 
     def __init__(self, function: BatchFunction, key: tuple, layout: tuple, capacity: int,
-                 device: torch.device) -> None:
+                 capture_stream: torch.cuda.Stream) -> None:
+        device = capture_stream.device
         self.capacity = capacity
         self.inputs = tuple(_identities(capacity, shape, dtype, device) for shape, dtype in layout)
         self.graph = torch.cuda.CUDAGraph()
         # Python's garbage collector stays off during the capture: a collection there could destroy another CUDA
         # graph (of an optimizer left in a reference cycle), which invalidates the capture. torch.cuda.graph runs
         # a full collection before it begins. thread_local: a CUDA call from another thread (a data loader
-        # pinning memory) does not break the capture either.
-        collecting = gc.isenabled()
+        # pinning memory) does not break the capture either. A failed capture raises from torch.cuda.graph's exit
+        # before it switches back from the capture stream, so the caller's stream is restored here.
+        collecting, previous = gc.isenabled(), torch.cuda.current_stream(device)
         gc.disable()
         try:
-            with torch.cuda.device(device), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            with torch.cuda.device(device), torch.cuda.graph(self.graph, stream=capture_stream,
+                                                             capture_error_mode="thread_local"):
                 self.outputs = function(key, self.inputs)
         finally:
+            torch.cuda.set_stream(previous)
             if collecting:
                 gc.enable()
 
@@ -72,7 +77,7 @@ class BatchGraph:
 
 
 def _identities(rows: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``rows`` identity matrices of ``shape`` (square), the padding of a static input."""
+    """``rows`` identity matrices of ``shape`` (square): a static input before its first replay."""
     if len(shape) != 2 or shape[0] != shape[1]:
         raise ValueError(f"a graphed recomputation takes stacks of square matrices, got rows of shape {shape}")
     return torch.eye(shape[0], dtype=dtype, device=device).expand(rows, *shape).contiguous()
@@ -87,6 +92,7 @@ class RecomputeGraphs:
         self._graphs: dict[tuple, BatchGraph] = {}
         self._seen: set[tuple] = set()
         self._eager: set[tuple] = set()
+        self._capture_streams: dict[torch.device, torch.cuda.Stream] = {}  # one per device
         self.captures = 0
         self.replays = 0
 
@@ -108,7 +114,10 @@ class RecomputeGraphs:
 
     def _capture(self, function: BatchFunction, kind: tuple, rows: int) -> BatchGraph | None:
         """A graph of ``kind`` for ``rows`` rows, replacing a smaller one; None where the batch runs eagerly (the
-        kind's first batch, or a kind whose capture failed)."""
+        kind's first batch, an empty batch (a data-parallel rank's empty share), or a kind whose capture
+        failed)."""
+        if rows == 0:
+            return None
         if kind not in self._seen or kind in self._eager:
             self._seen.add(kind)
             return None
@@ -117,8 +126,10 @@ class RecomputeGraphs:
             # The old graph's results may still be read by queued work; its memory is released below.
             torch.cuda.synchronize(device)
             del self._graphs[kind]
+        if device not in self._capture_streams:
+            self._capture_streams[device] = torch.cuda.Stream(device)
         try:
-            graph = self._graphs[kind] = BatchGraph(function, key, layout, rows, device)
+            graph = self._graphs[kind] = BatchGraph(function, key, layout, rows, self._capture_streams[device])
         except RuntimeError as error:  # torch.AcceleratorError is one
             self._eager.add(kind)
             warnings.warn(f"CUDA graph capture of the {key[0]!r} recomputations failed ({error}); they run "

@@ -172,7 +172,10 @@ def model_vjp(forward: Callable[[dict[str, Tensor]], Tensor],
         outputs = forward(leaves)
 
     def vjp(cotangent: Tensor) -> tuple[dict[str, Tensor]]:
-        grads = torch.autograd.grad(outputs, list(leaves.values()), cotangent, retain_graph=True, allow_unused=True)
+        grads: Any = [None] * len(leaves)
+        if outputs.requires_grad:
+            grads = torch.autograd.grad(outputs, list(leaves.values()), cotangent, retain_graph=True,
+                                        allow_unused=True)
         return ({name: torch.zeros_like(leaf) if grad is None else grad
                  for (name, leaf), grad in zip(leaves.items(), grads)},)
 
@@ -266,14 +269,16 @@ def preconditioned_cg(matvec: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor 
     The host reads the scalars these decisions need once per iteration, as one small tensor. With ``lookahead``
     (default: on CUDA) it reads iteration :math:`i`'s only after it has queued iteration :math:`i+1`, so the
     device computes while the host launches the next product; an iteration queued past the stop is discarded
-    (one product more than without it, the same result)."""
+    (one product more than without it, the same result). A zero residual found during the run costs the product
+    of the iteration that reads it."""
     lookahead = b.is_cuda if lookahead is None else lookahead
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     r = b.clone() if x0 is None or not bool(x0.any()) else b - matvec(x)
     y = r if inverse_preconditioner is None else inverse_preconditioner * r
     p = y.clone()
     ry = torch.dot(r, y)
-    phis = [float(-0.5 * torch.dot(x, b + r))]
+    phi, ry_start = torch.stack([-0.5 * torch.dot(x, b + r), ry]).tolist()
+    phis = [phi]
     saved = _save_indices(max_iters, backtrack_gamma)
     iterates: list[tuple[int, Tensor, float]] = []
     accepted = (0, x)  # the last iterate that passed its checks
@@ -315,8 +320,8 @@ def preconditioned_cg(matvec: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor 
             return "relative_progress"
         return None
 
-    stop = None
-    for i in range(1, max_iters + 1):
+    stop = "converged" if ry_start == 0.0 else None
+    for i in range(1, max_iters + 1 if stop is None else 1):
         launch(i)
         if len(queued) > int(lookahead):
             stop = read()
@@ -587,17 +592,22 @@ class HessianFree(Optimizer):
     def _forward_fn(self, batch: HessianFreeBatch, seed: int | None) -> Callable[[dict[str, Tensor]], Tensor]:
         model = self.model
         devices = [p.device for p in self._params if p.device.type == "cuda"][:1]
+        # On the CPU and CUDA the generators the forward draws from are seeded directly: torch.manual_seed also
+        # queues the seeding of every other accelerator backend, which records a stack trace per call (1.6 ms on
+        # the CPU). Other backends (MPS, XPU, ...) keep torch.manual_seed.
+        direct = all(p.device.type in ("cpu", "cuda") for p in self._params)
 
         def forward(params: dict[str, Tensor]) -> Tensor:
             if seed is None:
                 return batch.select(torch.func.functional_call(model, params, batch.args, batch.kwargs))
             with torch.random.fork_rng(devices=devices):
-                # The generators the forward draws from, seeded directly: torch.manual_seed would also queue the
-                # seeding of every accelerator backend, which records a stack trace each call (1.6 ms on the CPU).
-                torch.default_generator.manual_seed(seed)
-                for device in devices:
-                    index = device.index if device.index is not None else torch.cuda.current_device()
-                    torch.cuda.default_generators[index].manual_seed(seed)
+                if direct:
+                    torch.default_generator.manual_seed(seed)
+                    for device in devices:
+                        index = device.index if device.index is not None else torch.cuda.current_device()
+                        torch.cuda.default_generators[index].manual_seed(seed)
+                else:
+                    torch.manual_seed(seed)
                 return batch.select(torch.func.functional_call(model, params, batch.args, batch.kwargs))
 
         return forward

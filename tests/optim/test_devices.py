@@ -166,6 +166,7 @@ def test_recompute_graphs_run_a_kind_eagerly_after_its_capture_fails():
     graphs = _graphs.RecomputeGraphs()
     factors, _ = _factors_and_bases(3)
     expected = synchronising(("sync",), (factors,))
+    stream = torch.cuda.current_stream()
     for call in range(3):
         if call == 1:
             with pytest.warns(RuntimeWarning, match="capture of the 'sync' recomputations failed"):
@@ -173,6 +174,7 @@ def test_recompute_graphs_run_a_kind_eagerly_after_its_capture_fails():
         else:
             got = graphs(synchronising, ("sync",), [[factors]])
         torch.testing.assert_close(got[0], expected[0])
+        assert torch.cuda.current_stream() == stream  # the failed capture gave the caller's stream back
     assert graphs.captures == 0 and graphs.replays == 0
 
 

@@ -91,6 +91,19 @@ def _spd(n, condition, seed=0):
     return q @ torch.diag(eigenvalues) @ q.T, torch.randn(n, generator=g, dtype=torch.float64)
 
 
+def test_gauss_newton_product_is_zero_where_the_outputs_do_not_depend_on_the_parameters():
+    """An unused parameter, or outputs that depend on no parameter at all, get zero curvature (as torch.func's
+    vjp gives), not an autograd error."""
+    linear, unused = nn.Linear(3, 2), torch.zeros(4)
+    x, targets = torch.randn(5, 3), torch.randn(5, 2)
+    params = {"weight": linear.weight.detach(), "bias": linear.bias.detach(), "unused": unused}
+    tangent = {name: torch.ones_like(value) for name, value in params.items()}
+    for forward in (lambda p: x @ p["weight"].T + p["bias"], lambda p: x[:, :2] * 2.0):
+        product = GaussNewtonOperator(forward, params, "mse", targets)(tangent)
+        assert torch.equal(product["unused"], torch.zeros(4))
+    assert all(not value.any() for value in product.values())
+
+
 def test_cg_solves_a_known_spd_system_with_and_without_preconditioner():
     a, b = _spd(20, 50.0)
     exact = torch.linalg.solve(a, b)
@@ -163,6 +176,8 @@ def test_cg_reading_its_scalars_one_iteration_late_gives_the_same_run(case):
     assert torch.equal(plain.x, ahead.x)
     assert [(i, phi) for i, _, phi in plain.iterates] == [(i, phi) for i, _, phi in ahead.iterates]
     assert products[0] <= products[1] <= products[0] + 1
+    if case == "converged":  # a zero residual at the start costs no product
+        assert products == [0, 0] and plain.iterations == 0
 
 
 def test_levenberg_marquardt_rule():

@@ -12,9 +12,9 @@ copied into the graph's static input stacks and the graph replayed. Batches of o
 rows (staggered recomputations take different blocks at each step), so the static stacks hold the largest batch
 seen. Rows past a smaller batch keep what they held: identity matrices (a valid input of every recomputation
 here: a positive-definite factor, an orthonormal basis) or an earlier batch's inputs. Each matrix's result depends
-on its own inputs only, and those rows' results are left unread. The graph of a kind is captured
-at its second batch (the first runs eagerly: it initialises the libraries the capture calls into) and captured
-again when a larger batch comes.
+on its own inputs only, and those rows' results are left unread. The graph of a kind is captured at its second
+batch (the first runs eagerly: it initialises the libraries the capture calls into) and captured again when a
+larger batch comes.
 """
 
 from __future__ import annotations

@@ -992,7 +992,7 @@ class Shampoo(_KroneckerOptimizer):
             (:mod:`hf_colossal.optim._graphs`): the same kernels at about a sixth of the host time (2.5 -> 0.4 ms
             per batch of 1024 x 1024 factors on an H200). A kind of batch is captured at its second occurrence (and
             again when a larger batch comes, after one device synchronisation), smaller batches are padded to the
-            largest one, and its intermediates stay reserved. Off by default: on the 271M benchmark it took 3.5-5
+            largest one, and its intermediates stay reserved. Off by default: on the 271M benchmark it took 3.5-8
             ms of host time off the step, but the whole step's change stayed within the hosts' run-to-run noise
             (``benchmarks/RESULTS.md``).
         nonfinite: a step with an inf/NaN gradient: ``"skip"`` (counted in ``nonfinite_skips``, one host sync per

@@ -664,7 +664,12 @@ class HessianFree(Optimizer):
     def _per_example_squared_gradients(self, batch: HessianFreeBatch, seed: int | None, params: dict[str, Tensor],
                                        normalizer: Tensor) -> Tensor:
         """:math:`\\frac1N\\sum_i \\nabla f_i \\odot \\nabla f_i` with :math:`f_i = N c_i` the per-example loss
-        (Martens 2010 Sec. 4.7), by ``torch.func.vmap`` over chunks of examples."""
+        (Martens 2010 Sec. 4.7): by :meth:`_linear_per_example_squares` where every parameter is a linear layer's,
+        otherwise by ``torch.func.vmap`` over chunks of examples."""
+        linear = self._linear_per_example_squares(batch, seed, params, normalizer)
+        if linear is not None:
+            self.passes["per_example"] += batch.size / self._gradient_rows
+            return linear
         n = batch.size
         model = self.model
         batched_kwargs = {k: v for k, v in batch.kwargs.items() if isinstance(v, Tensor) and v.dim() > 0
@@ -698,6 +703,56 @@ class HessianFree(Optimizer):
             total = squares if total is None else total + squares
         self.passes["per_example"] += n / self._gradient_rows
         return total / n
+
+    def _linear_per_example_squares(self, batch: HessianFreeBatch, seed: int | None, params: dict[str, Tensor],
+                                    normalizer: Tensor) -> Tensor | None:
+        """The same sum by one forward and backward, where every optimized parameter is the weight or bias of an
+        ``nn.Linear`` applied once per forward to ``(examples, features)`` rows (an MLP): example :math:`i`'s
+        weight gradient is then :math:`g_i a_i^\\top` (output gradient, input), so
+        :math:`\\sum_i (g_i a_i^\\top)^{\\odot 2} = (g^{\\odot 2})^\\top a^{\\odot 2}` and the bias's is
+        :math:`\\sum_i g_i^{\\odot 2}` (Goodfellow 2015, "Efficient Per-Example Gradient Computations",
+        arXiv:1510.01799). None where that does not hold (sequences, other layers, a layer used twice)."""
+        n = batch.size
+        modules = dict(self.model.named_modules())
+        owners: dict[str, tuple[str, str]] = {}
+        for name in params:
+            module_name, _, kind = name.rpartition(".")
+            if not isinstance(modules.get(module_name), nn.Linear) or kind not in ("weight", "bias"):
+                return None
+            owners[name] = (module_name, kind)
+        records: dict[str, list[Tensor | None] | None] = {}
+
+        def hook(module_name: str) -> Callable[..., None]:
+            def record(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+                rows = args[0] if args else None
+                if module_name in records or not isinstance(rows, Tensor) or rows.dim() != 2 or rows.shape[0] != n:
+                    records[module_name] = None  # a second call, or not one row per example
+                    return
+                entry: list[Tensor | None] = [rows.detach(), None]
+                records[module_name] = entry
+                output.register_hook(lambda grad: entry.__setitem__(1, grad.detach()))
+
+            return record
+
+        handles = [modules[name].register_forward_hook(hook(name)) for name in {m for m, _ in owners.values()}]
+        try:
+            leaves = {name: value.detach().requires_grad_() for name, value in params.items()}
+            with torch.enable_grad():
+                outputs = self._forward_fn(batch, seed)(leaves)
+                total = per_example_losses(batch.loss, outputs, batch.targets, normalizer, batch.ignore_index).sum()
+                torch.autograd.grad(total * n, list(leaves.values()), allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        squares = []
+        for name in self._names:
+            entry = records.get(owners[name][0])
+            if entry is None or entry[1] is None:
+                return None
+            rows, grad_rows = entry
+            squared_grads = grad_rows.square()
+            squares.append(squared_grads.T @ rows.square() if owners[name][1] == "weight" else squared_grads.sum(0))
+        return self._flat(squares) / n
 
     def _curvature_rows(self, batch: HessianFreeBatch) -> int:
         return max(1, math.ceil(self.settings["curvature_batch_fraction"] * batch.size))

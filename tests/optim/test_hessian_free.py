@@ -104,6 +104,50 @@ def test_gauss_newton_product_is_zero_where_the_outputs_do_not_depend_on_the_par
     assert all(not value.any() for value in product.values())
 
 
+def _per_example_setup(model, x, targets, loss):
+    optimizer = HessianFree(model.parameters(), model)
+    batch = HessianFreeBatch(targets=targets, loss=loss, args=(x,))
+    optimizer._gradient_rows = batch.size
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    with torch.no_grad():
+        normalizer = batch_loss_normalizer(loss, batch.select(model(x)), targets)
+    return optimizer, batch, params, normalizer
+
+
+@pytest.mark.parametrize("loss", ["sigmoid_bce", "cross_entropy"])
+def test_linear_per_example_squares_equal_the_vmap_ones(loss):
+    """The outer-product identity for MLPs (one forward and backward) gives vmap's sum of squared per-example
+    gradients."""
+    torch.manual_seed(0)
+    if loss == "sigmoid_bce":
+        model, x = DeepAutoencoder((16, 12, 4, 12, 16)), torch.rand(10, 16)
+        targets = x
+    else:
+        model, x = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), torch.randn(10, 6)
+        targets = torch.randint(0, 3, (10,))
+    optimizer, batch, params, normalizer = _per_example_setup(model, x, targets, loss)
+    fast = optimizer._linear_per_example_squares(batch, None, params, normalizer)
+    assert fast is not None
+    optimizer._linear_per_example_squares = lambda *args: None  # force the vmap path
+    torch.testing.assert_close(fast, optimizer._per_example_squared_gradients(batch, None, params, normalizer),
+                               rtol=1e-5, atol=1e-8)
+
+
+def test_per_example_squares_fall_back_to_vmap_outside_plain_mlps():
+    """Another layer's parameters, a linear layer applied twice, or sequences of rows: the identity does not hold
+    and vmap computes the sum."""
+    torch.manual_seed(0)
+    shared = nn.Linear(5, 5)
+    cases = [(nn.Sequential(nn.Linear(5, 5), nn.LayerNorm(5), nn.Linear(5, 3)), torch.randn(8, 5)),
+             (nn.Sequential(shared, nn.Tanh(), shared, nn.Linear(5, 3)), torch.randn(8, 5)),
+             (nn.Sequential(nn.Linear(5, 3), nn.Flatten()), torch.randn(8, 2, 5))]
+    for model, x in cases:
+        targets = torch.randn(8, 6) if x.dim() == 3 else torch.randn(8, 3)
+        optimizer, batch, params, normalizer = _per_example_setup(model, x, targets, "mse")
+        assert optimizer._linear_per_example_squares(batch, None, params, normalizer) is None
+        assert optimizer._per_example_squared_gradients(batch, None, params, normalizer).isfinite().all()
+
+
 def test_cg_solves_a_known_spd_system_with_and_without_preconditioner():
     a, b = _spd(20, 50.0)
     exact = torch.linalg.solve(a, b)

@@ -665,11 +665,17 @@ class HessianFree(Optimizer):
                                        normalizer: Tensor) -> Tensor:
         """:math:`\\frac1N\\sum_i \\nabla f_i \\odot \\nabla f_i` with :math:`f_i = N c_i` the per-example loss
         (Martens 2010 Sec. 4.7): by :meth:`_linear_per_example_squares` where every parameter is a linear layer's,
-        otherwise by ``torch.func.vmap`` over chunks of examples."""
-        linear = self._linear_per_example_squares(batch, seed, params, normalizer)
-        if linear is not None:
-            self.passes["per_example"] += batch.size / self._gradient_rows
-            return linear
+        otherwise by :meth:`_vmap_per_example_squares`. Either costs about a forward and a backward of the batch."""
+        squares = self._linear_per_example_squares(batch, seed, params, normalizer)
+        if squares is None:
+            squares = self._vmap_per_example_squares(batch, params, normalizer)
+        self.passes["per_example"] += batch.size / self._gradient_rows
+        return squares
+
+    def _vmap_per_example_squares(self, batch: HessianFreeBatch, params: dict[str, Tensor],
+                                  normalizer: Tensor) -> Tensor:
+        """The same sum by ``torch.func.vmap`` of per-example gradients over chunks of examples (any model vmap
+        can batch)."""
         n = batch.size
         model = self.model
         batched_kwargs = {k: v for k, v in batch.kwargs.items() if isinstance(v, Tensor) and v.dim() > 0
@@ -701,7 +707,6 @@ class HessianFree(Optimizer):
                 ) from err
             squares = self._flat([per_example[name].square().sum(0) for name in self._names])
             total = squares if total is None else total + squares
-        self.passes["per_example"] += n / self._gradient_rows
         return total / n
 
     def _linear_per_example_squares(self, batch: HessianFreeBatch, seed: int | None, params: dict[str, Tensor],

@@ -77,7 +77,7 @@ def check_common_hyperparameters(hyperparameters: dict[str, Any], where: str) ->
         fused,
         "fused=True and foreach=True exclude each other",
     )
-    for name in ("adapt", "always_adapt"):
+    for name in ("adapt", "always_adapt", "master_weights"):
         require(isinstance(hyperparameters[name], bool), where, name, hyperparameters[name], "expected a bool")
     skips = hyperparameters["nonfinite_skips"]
     require(
@@ -164,12 +164,15 @@ def device_skip_counter(optimizer: Optimizer, device: torch.device) -> Tensor:
 def load_state_dict_keeping_implementation(optimizer: Optimizer, state_dict: dict[str, Any], load: Any) -> None:
     """``load(state_dict)`` (``Optimizer.load_state_dict``), then fix up the param groups.
 
-    torch replaces every group key with the checkpoint's; ``fused`` and ``foreach`` choose an implementation for
-    this process, not a hyperparameter, so they keep the loading optimizer's values (a checkpoint of a fused GPU
-    run loads into a CPU optimizer; one saved before ``fused`` existed loads too). The groups become
-    :class:`ParamGroup` again and any pending device-side skip counts are dropped (the checkpoint's counts hold).
+    torch replaces every group key with the checkpoint's; ``fused``, ``foreach`` and ``master_weights`` choose how
+    this process computes and stores the step, not a hyperparameter, so they keep the loading optimizer's values
+    (a checkpoint of a fused GPU run loads into a CPU optimizer; one saved before these keys existed loads too;
+    master weights can be turned on or off at a resume). The groups become :class:`ParamGroup` again and any
+    pending device-side skip counts are dropped (the checkpoint's counts hold).
     """
-    implementation = [{key: group[key] for key in ("fused", "foreach")} for group in optimizer.param_groups]
+    implementation = [
+        {key: group[key] for key in ("fused", "foreach", "master_weights")} for group in optimizer.param_groups
+    ]
     load(state_dict)
     optimizer.param_groups = [
         ParamGroup({**group, **chosen}) for group, chosen in zip(optimizer.param_groups, implementation)
@@ -370,15 +373,21 @@ def group_by_device_and_dtype(
 
 
 @contextmanager
-def math_precision(params: list[Tensor], grads: list[Tensor]) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
+def math_precision(
+    params: list[Tensor], grads: list[Tensor], master_params: list[Tensor | None] | None = None
+) -> Iterator[tuple[list[Tensor], list[Tensor]]]:
     """Give the parameters and gradients of one (device, dtype) bucket in :func:`math_dtype`.
 
     fp16/bf16 parameters are copied to fp32 for the update and the result is rounded back into them on exit;
-    fp32/fp64 parameters are updated in place. The yielded gradients may be the ``.grad`` tensors themselves:
-    treat them as read-only.
+    with ``master_params`` (their fp32 master copies, see :meth:`LayerwiseOptimizer._master_params`) the copies
+    are updated in place instead, so no update is lost to the rounding. fp32/fp64 parameters are updated in
+    place. The yielded gradients may be the ``.grad`` tensors themselves: treat them as read-only.
     """
     dtype = math_dtype(params[0].dtype)
-    math_params = [param.to(dtype) for param in params]
+    if master_params is not None and all(master is not None for master in master_params):
+        math_params = master_params
+    else:
+        math_params = [param.to(dtype) for param in params]
     math_grads = [grad.to(dtype) for grad in grads]
     yield math_params, math_grads
     if dtype != params[0].dtype:
@@ -584,6 +593,28 @@ class LayerwiseOptimizer(Optimizer):
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         type(self).check_hyperparameters(defaults, self.name)
         super().__init__(params, defaults)
+
+    def _master_params(self, params: list[Tensor], group: dict[str, Any]) -> list[Tensor | None]:
+        """The fp32 master copy (``state["master_param"]``) of each of ``params``, or None where it has none.
+
+        fp16/bf16 parameters of a group with ``master_weights`` have one: created from the parameter when missing
+        (first step, or a checkpoint saved without master weights), then updated by every step, which rounds it
+        into the parameter. Copies that a group without ``master_weights`` holds (from a checkpoint) are dropped.
+        Call after the other state of ``params`` exists.
+        """
+        masters: list[Tensor | None] = []
+        for param in params:
+            state = self.state[param]
+            if group["master_weights"] and param.dtype in _LOW_PRECISION_DTYPES:
+                if "master_param" not in state:
+                    state["master_param"] = param.detach().to(
+                        dtype=torch.float32, memory_format=torch.contiguous_format, copy=True
+                    )
+                masters.append(state["master_param"])
+            else:
+                state.pop("master_param", None)
+                masters.append(None)
+        return masters
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:

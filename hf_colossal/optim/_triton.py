@@ -36,7 +36,9 @@ Measured on one H100 (Llama 271M, fp32): LAMB moves its 44 B/param at ~98% of th
 (4.0 ms vs 2.9 ms for torch's fused AdamW, which moves 28 B/param); LARS 2.6 ms vs 4.5 ms for SGD(foreach).
 
 The math is fp32 for fp32/bf16/fp16 parameters (state fp32), in the same order of operations as the foreach
-path. ``triton`` is imported lazily: this module imports cleanly without it and :func:`unsupported_reason` then
+path. With master weights, column 0 holds the fp32 master copies of fp16/bf16 parameters and a last column the
+parameters themselves: pass 2 updates the masters and also stores the result rounded into the parameters (2 B/param
+more written, nothing more read). ``triton`` is imported lazily: this module imports cleanly without it and :func:`unsupported_reason` then
 names why the fused path is unavailable. Under ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors (slow;
 for debugging the kernel logic).
 """
@@ -122,7 +124,9 @@ class Bucket:
     n_chunks: int
     row: int
     aligned: bool  # every address is 16-byte aligned (lets the kernels use 128-bit accesses)
-    dtype: torch.dtype
+    dtype: torch.dtype  # of column 0: the parameters, or their fp32 master copies
+    grad_dtype: torch.dtype  # of column 1, the gradients (the parameters' dtype)
+    copy_column: int  # > 0: the column of fp16/bf16 parameters that get column 0 (fp32 masters) rounded; 0: none
     device: torch.device
     host_rows: Tensor  # the table's rows on the host, [n_tensors, row]
 
@@ -145,8 +149,16 @@ class TableCache:
         self._entries: dict[Any, tuple[tuple[int, ...], Bucket]] = {}
         self._chunk_maps: dict[Any, tuple[tuple[int, ...], Tensor, list[int]]] = {}
 
-    def bucket(self, key: Any, columns: Sequence[Sequence[Tensor]], flags: Sequence[int] | None = None) -> Bucket:
-        """The table for parallel tensor ``columns`` (column 0: the parameters), with an optional int per tensor."""
+    def bucket(self, key: Any, columns: Sequence[Sequence[Tensor]], flags: Sequence[int] | None = None,
+               masters: Sequence[Tensor | None] | None = None) -> Bucket:
+        """The table for parallel tensor ``columns`` (column 0: the parameters, column 1: their gradients), with an
+        optional int per tensor. With ``masters`` (fp32 master copies of the parameters; None entries mean none),
+        the masters take column 0 and the parameters move to a last column, which the kernels write with the
+        masters' new values rounded."""
+        copy_column = 0
+        if masters is not None and all(master is not None for master in masters):
+            copy_column = len(columns)
+            columns = [masters, *columns[1:], columns[0]]
         params = columns[0]
         device = params[0].device
         numels = tuple(param.numel() for param in params)
@@ -183,6 +195,8 @@ class TableCache:
             row=row,
             aligned=all(a % 16 == 0 for column in addresses for a in column),
             dtype=params[0].dtype,
+            grad_dtype=columns[1][0].dtype,
+            copy_column=copy_column,
             device=device,
             host_rows=host_rows,
         )
@@ -247,7 +261,8 @@ def plan_signature(
                     if param_state is None:
                         return None
                     for key in keys:
-                        add(param_state[key].data_ptr())
+                        value = get(param_state, key)
+                        add(0 if value is None else value.data_ptr())
     except (KeyError, RuntimeError):  # no such state / a sparse gradient has no data pointer
         return None
     return tuple(static), tuple(grads)
@@ -437,7 +452,8 @@ def lamb_step(
             gnorm if gnorm is not None else gb.flags, skip_counter if count else gb.flags,
             float(h["lr"]), float(h["beta1"]), float(h["beta2"]), _log2(h["beta1"]), _log2(h["beta2"]),
             float(h["eps"]), float(wd), float(h["pre_normalization_max_norm"]),
-            P_DTYPE=_tl_dtype(b.dtype), PASS=pass_, NORMS=h["adapt"], CHECK=gb.check > 0,
+            P_DTYPE=_tl_dtype(b.dtype), G_DTYPE=_tl_dtype(b.grad_dtype), COPY_COL=b.copy_column,
+            PASS=pass_, NORMS=h["adapt"], CHECK=gb.check > 0,
             STATE_IN_PASS1=state_in_pass1 and h["adapt"],
             L2=wd != 0 and not h["decoupled_weight_decay"], DECOUPLED_WD=wd != 0 and h["decoupled_weight_decay"],
             PRE_NORM=gnorm is not None, BIAS_CORRECTION=h["bias_correction"], SKIPPABLE=any_check, COUNT=count,
@@ -486,7 +502,8 @@ def lars_step(
             b = gb.bucket
             gb.partial = torch.empty(3 * b.n_chunks, dtype=torch.float32, device=b.device)
             kernels.sumsq[(b.n_chunks,)](
-                b.table, b.chunks, gb.partial, P_DTYPE=_tl_dtype(b.dtype), COL_A=0, COL_B=1,
+                b.table, b.chunks, gb.partial, A_DTYPE=_tl_dtype(b.dtype), B_DTYPE=_tl_dtype(b.grad_dtype),
+                COL_A=0, COL_B=1,
                 ALIGNED=b.aligned, BLOCK=BLOCK, ITERS=ITERS, ROW=b.row, num_warps=NUM_WARPS,
             )
     for gb in buckets:
@@ -504,7 +521,8 @@ def lars_step(
             b.table, b.chunks, gb.ws, gb.flags, skip_counter if gb is counting else gb.flags,
             -1.0 if h["lr_in_momentum"] else -float(h["lr"]), float(h["momentum"]), 1.0 - float(h["dampening"]),
             float(h["weight_decay"]),
-            P_DTYPE=_tl_dtype(b.dtype), WD=h["weight_decay"] != 0, MOMENTUM=h["momentum"] != 0,
+            P_DTYPE=_tl_dtype(b.dtype), G_DTYPE=_tl_dtype(b.grad_dtype), COPY_COL=b.copy_column,
+            WD=h["weight_decay"] != 0, MOMENTUM=h["momentum"] != 0,
             NESTEROV=h["nesterov"], SKIPPABLE=any_check, COUNT=gb is counting,
             ALIGNED=b.aligned, BLOCK=BLOCK, ITERS=ITERS, ROW=b.row, num_warps=NUM_WARPS,
         )
@@ -525,6 +543,14 @@ def _build_kernels() -> Any:
         if ALIGNED:
             pointer = tl.multiple_of(pointer, 16)  # on the pointer (a hint on the int is lost in int_to_ptr)
         return pointer
+
+    @triton.jit
+    def _copy_address(row, g_ptr, COPY_COL: tl.constexpr, DT: tl.constexpr, ALIGNED: tl.constexpr):
+        """The parameters that get the masters rounded (column COPY_COL > 0); else an unused stand-in."""
+        if COPY_COL > 0:
+            return _address(row, COPY_COL, DT, ALIGNED)
+        else:
+            return g_ptr
 
     @triton.jit
     def _ld(ptr, offsets, mask, MASKED: tl.constexpr):
@@ -584,11 +610,11 @@ def _build_kernels() -> Any:
         return acc_a, acc_b
 
     @triton.jit
-    def sumsq(table, chunks, partial, P_DTYPE: tl.constexpr, COL_A: tl.constexpr, COL_B: tl.constexpr,
-              ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, ROW: tl.constexpr):
+    def sumsq(table, chunks, partial, A_DTYPE: tl.constexpr, B_DTYPE: tl.constexpr, COL_A: tl.constexpr,
+              COL_B: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, ROW: tl.constexpr):
         t, row, numel, start = _chunk(table, chunks, ROW, BLOCK * ITERS)
-        a_ptr = _address(row, COL_A, P_DTYPE, ALIGNED)
-        b_ptr = _address(row, COL_B, P_DTYPE, ALIGNED)
+        a_ptr = _address(row, COL_A, A_DTYPE, ALIGNED)
+        b_ptr = _address(row, COL_B, B_DTYPE, ALIGNED)
         n_full, tail = _trip(numel, start, BLOCK, ITERS)
         offsets = tl.arange(0, BLOCK)
         acc_a = tl.zeros([BLOCK], dtype=tl.float32)
@@ -657,11 +683,11 @@ def _build_kernels() -> Any:
     # -- LAMB --------------------------------------------------------------------------------------------------
 
     @triton.jit
-    def _lamb_block(p_ptr, g_ptr, m_ptr, v_ptr, o, mask, acc_p, acc_u, acc_g,
+    def _lamb_block(p_ptr, g_ptr, m_ptr, v_ptr, c_ptr, o, mask, acc_p, acc_u, acc_g,
                     ratio, lr, beta1, beta2, bc1, sbc2, eps, wd, gdiv,
                     PASS: tl.constexpr, NORMS: tl.constexpr, CHECK: tl.constexpr, STATE_IN_PASS1: tl.constexpr,
                     L2: tl.constexpr, DECOUPLED_WD: tl.constexpr, PRE_NORM: tl.constexpr,
-                    BIAS_CORRECTION: tl.constexpr, MASKED: tl.constexpr):
+                    BIAS_CORRECTION: tl.constexpr, COPY: tl.constexpr, MASKED: tl.constexpr):
         need_update: tl.constexpr = PASS == 2 or NORMS or STATE_IN_PASS1
         if PASS == 2 and STATE_IN_PASS1:
             # the moments were written by pass 1
@@ -701,22 +727,27 @@ def _build_kernels() -> Any:
             else:
                 if NORMS:
                     update = update * ratio
-                _st(p_ptr, o, p + (-lr) * update, mask, MASKED)
+                p = p + (-lr) * update
+                _st(p_ptr, o, p, mask, MASKED)
+                if COPY:  # p_ptr holds the fp32 masters: round them into the parameters
+                    _st(c_ptr, o, p, mask, MASKED)
         return acc_p, acc_u, acc_g
 
     @triton.jit
     def lamb(table, chunks, partial, ws, flags, gnorm, counter,
              lr, beta1, beta2, log2_beta1, log2_beta2, eps, wd, max_norm,
-             P_DTYPE: tl.constexpr, PASS: tl.constexpr, NORMS: tl.constexpr, CHECK: tl.constexpr,
+             P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, COPY_COL: tl.constexpr,
+             PASS: tl.constexpr, NORMS: tl.constexpr, CHECK: tl.constexpr,
              STATE_IN_PASS1: tl.constexpr, L2: tl.constexpr, DECOUPLED_WD: tl.constexpr, PRE_NORM: tl.constexpr,
              BIAS_CORRECTION: tl.constexpr, SKIPPABLE: tl.constexpr, COUNT: tl.constexpr, ALIGNED: tl.constexpr,
              BLOCK: tl.constexpr, ITERS: tl.constexpr, ROW: tl.constexpr):
         t, row, numel, start = _chunk(table, chunks, ROW, BLOCK * ITERS)
         p_ptr = _address(row, 0, P_DTYPE, ALIGNED)
-        g_ptr = _address(row, 1, P_DTYPE, ALIGNED)
+        g_ptr = _address(row, 1, G_DTYPE, ALIGNED)
         m_ptr = _address(row, 2, tl.float32, ALIGNED)
         v_ptr = _address(row, 3, tl.float32, ALIGNED)
         step_ptr = _address(row, 4, tl.float32, False)
+        c_ptr = _copy_address(row, g_ptr, COPY_COL, G_DTYPE, ALIGNED)
         n_full, tail = _trip(numel, start, BLOCK, ITERS)
         ratio = 1.0
         if PASS == 1:
@@ -749,16 +780,16 @@ def _build_kernels() -> Any:
         for i in range(0, n_full):
             o = start + i * BLOCK + offsets
             acc_p, acc_u, acc_g = _lamb_block(
-                p_ptr, g_ptr, m_ptr, v_ptr, o, o < numel, acc_p, acc_u, acc_g,
+                p_ptr, g_ptr, m_ptr, v_ptr, c_ptr, o, o < numel, acc_p, acc_u, acc_g,
                 ratio, lr, beta1, beta2, bc1, sbc2, eps, wd, gdiv,
-                PASS, NORMS, CHECK, STATE_IN_PASS1, L2, DECOUPLED_WD, PRE_NORM, BIAS_CORRECTION, False,
+                PASS, NORMS, CHECK, STATE_IN_PASS1, L2, DECOUPLED_WD, PRE_NORM, BIAS_CORRECTION, COPY_COL > 0, False,
             )
         if tail:
             o = start + n_full * BLOCK + offsets
             acc_p, acc_u, acc_g = _lamb_block(
-                p_ptr, g_ptr, m_ptr, v_ptr, o, o < numel, acc_p, acc_u, acc_g,
+                p_ptr, g_ptr, m_ptr, v_ptr, c_ptr, o, o < numel, acc_p, acc_u, acc_g,
                 ratio, lr, beta1, beta2, bc1, sbc2, eps, wd, gdiv,
-                PASS, NORMS, CHECK, STATE_IN_PASS1, L2, DECOUPLED_WD, PRE_NORM, BIAS_CORRECTION, True,
+                PASS, NORMS, CHECK, STATE_IN_PASS1, L2, DECOUPLED_WD, PRE_NORM, BIAS_CORRECTION, COPY_COL > 0, True,
             )
         if PASS == 1:
             c = tl.program_id(0)
@@ -769,8 +800,9 @@ def _build_kernels() -> Any:
     # -- LARS pass 2 -------------------------------------------------------------------------------------------
 
     @triton.jit
-    def _lars_block(p_ptr, g_ptr, b_ptr, o, mask, ratio, alpha, momentum, damp1, wd, fresh,
-                    WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MASKED: tl.constexpr):
+    def _lars_block(p_ptr, g_ptr, b_ptr, c_ptr, o, mask, ratio, alpha, momentum, damp1, wd, fresh,
+                    WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, COPY: tl.constexpr,
+                    MASKED: tl.constexpr):
         p = _ld(p_ptr, o, mask, MASKED)
         d = _ld(g_ptr, o, mask, MASKED)
         if WD:
@@ -789,20 +821,25 @@ def _build_kernels() -> Any:
                 s = b
         else:
             s = d
-        _st(p_ptr, o, p + alpha * s, mask, MASKED)
+        p = p + alpha * s
+        _st(p_ptr, o, p, mask, MASKED)
+        if COPY:  # p_ptr holds the fp32 masters: round them into the parameters
+            _st(c_ptr, o, p, mask, MASKED)
 
     @triton.jit
     def lars(table, chunks, ws, flags, counter, alpha, momentum, damp1, wd,
-             P_DTYPE: tl.constexpr, WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+             P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, COPY_COL: tl.constexpr,
+             WD: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
              SKIPPABLE: tl.constexpr, COUNT: tl.constexpr, ALIGNED: tl.constexpr,
              BLOCK: tl.constexpr, ITERS: tl.constexpr, ROW: tl.constexpr):
         t, row, numel, start = _chunk(table, chunks, ROW, BLOCK * ITERS)
         p_ptr = _address(row, 0, P_DTYPE, ALIGNED)
-        g_ptr = _address(row, 1, P_DTYPE, ALIGNED)
+        g_ptr = _address(row, 1, G_DTYPE, ALIGNED)
         if MOMENTUM:
             b_ptr = _address(row, 2, tl.float32, ALIGNED)
         else:
             b_ptr = p_ptr
+        c_ptr = _copy_address(row, g_ptr, COPY_COL, G_DTYPE, ALIGNED)
         fresh = tl.load(row + 3)
         ratio = tl.load(ws + 2 * t)
         n_full, tail = _trip(numel, start, BLOCK, ITERS)
@@ -816,12 +853,12 @@ def _build_kernels() -> Any:
         offsets = tl.arange(0, BLOCK)
         for i in range(0, n_full):
             o = start + i * BLOCK + offsets
-            _lars_block(p_ptr, g_ptr, b_ptr, o, o < numel, ratio, alpha, momentum, damp1, wd, fresh,
-                        WD, MOMENTUM, NESTEROV, False)
+            _lars_block(p_ptr, g_ptr, b_ptr, c_ptr, o, o < numel, ratio, alpha, momentum, damp1, wd, fresh,
+                        WD, MOMENTUM, NESTEROV, COPY_COL > 0, False)
         if tail:
             o = start + n_full * BLOCK + offsets
-            _lars_block(p_ptr, g_ptr, b_ptr, o, o < numel, ratio, alpha, momentum, damp1, wd, fresh,
-                        WD, MOMENTUM, NESTEROV, True)
+            _lars_block(p_ptr, g_ptr, b_ptr, c_ptr, o, o < numel, ratio, alpha, momentum, damp1, wd, fresh,
+                        WD, MOMENTUM, NESTEROV, COPY_COL > 0, True)
 
     @triton.jit
     def stacked_moments(g_ptr, m_ptr, v_ptr, d_ptr, partial, block_numel, chunks_per_block,

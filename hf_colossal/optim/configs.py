@@ -20,6 +20,7 @@ _TRAINER_FLAGS: dict[str, str] = {"lr": _LR, "learning_rate": _LR, "weight_decay
 _ADAM_FLAGS: dict[str, str] = {
     "betas": "--adam_beta1/--adam_beta2", "beta1": "--adam_beta1", "beta2": "--adam_beta2", "eps": "--adam_epsilon",
 }
+_MASTER_WEIGHTS_HELP = "fp32 master copies of bf16/fp16 params in the optimizer state (+4 B/param)"
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -67,6 +68,7 @@ class LambConfig(OptimizerConfig):
     grad_pre_normalization: bool = _opt(False, "divide all grads by max(1, global_norm/max) first (NVLAMB)")
     pre_normalization_max_norm: float = _opt(1.0, "the max global grad norm of grad_pre_normalization")
     nonfinite: Literal["skip", "error", "apply"] = _opt("skip", "on inf/NaN grads: skip the step, raise, or apply")
+    master_weights: bool = _opt(False, _MASTER_WEIGHTS_HELP)
     fused: bool | None = _opt(None, "Triton kernels on CUDA (none = when possible, true = required, false = foreach)")
 
 
@@ -86,6 +88,7 @@ class LarsConfig(OptimizerConfig):
     always_adapt: bool = _opt(False, "apply the trust ratio to every group, ignoring no_adapt")
     lr_in_momentum: bool = _opt(False, "paper placement: lr inside the momentum buffer (else torch-SGD form)")
     nonfinite: Literal["skip", "error", "apply"] = _opt("skip", "on inf/NaN grads: skip the step, raise, or apply")
+    master_weights: bool = _opt(False, _MASTER_WEIGHTS_HELP)
     fused: bool | None = _opt(None, "Triton kernels on CUDA (none = when possible, true = required, false = foreach)")
 
 

@@ -80,6 +80,11 @@ class Lamb(LayerwiseOptimizer):
         nonfinite: what a step does when any gradient is inf/NaN: ``"skip"`` it entirely (parameters, state and
             step counts untouched) and count it in every group's ``nonfinite_skips``; ``"error"``: raise
             ``FloatingPointError``; ``"apply"``: no check (under a ``GradScaler``, which checks itself).
+        master_weights: keep an fp32 master copy of every fp16/bf16 parameter in the state (``master_param``):
+            steps update the copy and round it into the parameter, so updates smaller than half a unit in the
+            last place of bf16/fp16 accumulate instead of vanishing, and the trust ratio uses the fp32 norm.
+            Costs 4 bytes per such parameter. The copy is the weight of record: a parameter changed outside the
+            optimizer is overwritten at the next step (reload the optimizer state too).
         foreach: ``None`` or ``True``; ``fused=False`` is what selects the foreach implementation.
         fused: ``None`` (default): the fused Triton path (:mod:`hf_colossal.optim._triton`) when every parameter
             with a gradient is a contiguous fp32/bf16/fp16 CUDA tensor and triton is installed, else the
@@ -88,7 +93,8 @@ class Lamb(LayerwiseOptimizer):
 
     State per parameter: ``step`` (float32 scalar: on the CPU on the foreach path, on the parameter's device on the
     fused path; either checkpoint loads into either path), ``exp_avg`` and ``exp_avg_sq`` (fp32 for fp16/bf16
-    parameters, else the parameter dtype). fp16/bf16 parameters get the update computed in fp32 and rounded back.
+    parameters, else the parameter dtype), and ``master_param`` with ``master_weights``. fp16/bf16 parameters get
+    the update computed in fp32 and rounded back.
 
     The fused path does no host sync in a step: it skips a step with a non-finite gradient on the device, and the
     skips it counts reach ``nonfinite_skips`` when that key is read (see :class:`~._foreach.ParamGroup`). A step
@@ -116,6 +122,7 @@ class Lamb(LayerwiseOptimizer):
         grad_pre_normalization: bool = False,
         pre_normalization_max_norm: float = 1.0,
         nonfinite: str = "skip",
+        master_weights: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
@@ -133,6 +140,7 @@ class Lamb(LayerwiseOptimizer):
             "pre_normalization_max_norm": pre_normalization_max_norm,
             "nonfinite": nonfinite,
             "nonfinite_skips": 0,
+            "master_weights": master_weights,
             "foreach": foreach,
             "fused": fused,
         }
@@ -184,6 +192,7 @@ class Lamb(LayerwiseOptimizer):
                 local_tensors(exp_avgs),
                 local_tensors(exp_avg_sqs),
                 state_steps,
+                master_params=local_tensors(self._master_params(params, group)),
                 global_grad_norm=global_grad_norm if group["grad_pre_normalization"] else None,
                 pre_normalization_max_norm=group["pre_normalization_max_norm"],
                 lr=group["lr"],
@@ -201,7 +210,8 @@ class Lamb(LayerwiseOptimizer):
 
     @staticmethod
     def _state_keys(group: dict[str, Any]) -> tuple[str, ...]:
-        return ("exp_avg", "exp_avg_sq", "step")
+        keys = ("exp_avg", "exp_avg_sq", "step")
+        return (*keys, "master_param") if group["master_weights"] else keys
 
     @staticmethod
     def _fused_hyper(group: dict[str, Any]) -> dict[str, Any]:
@@ -240,10 +250,13 @@ class Lamb(LayerwiseOptimizer):
             if not params:
                 continue
             exp_avgs, exp_avg_sqs, state_steps = self._init_group(params, fused=True, new_params=new_params)
+            masters = self._master_params(params, group)
             hyper = self._fused_hyper(group)
-            for columns, _ in group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, state_steps]):
+            for (*columns, bucket_masters), _ in group_by_device_and_dtype(
+                [params, grads, exp_avgs, exp_avg_sqs, state_steps, masters]
+            ):
                 key = (index, columns[0][0].device, columns[0][0].dtype)
-                bucket = _triton.table_cache(self).bucket(key, columns)
+                bucket = _triton.table_cache(self).bucket(key, columns, masters=bucket_masters)
                 buckets.append(
                     _triton.GroupBucket(bucket, hyper, _triton.NONFINITE_CHECK[group["nonfinite"]], columns[0])
                 )
@@ -291,6 +304,7 @@ def lamb(
     exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor],
     *,
+    master_params: list[Tensor | None] | None = None,
     global_grad_norm: Tensor | None = None,
     pre_normalization_max_norm: float = 1.0,
     lr: float,
@@ -308,16 +322,20 @@ def lamb(
     r"""Functional LAMB step (You et al. 2019, Algorithm 2) over lists of tensors; see :class:`Lamb` for the math.
 
     Updates ``params``, ``exp_avgs``, ``exp_avg_sqs`` and ``state_steps`` in place; the ``grads`` are only read.
+    ``master_params`` (None entries allowed) are fp32 master copies of fp16/bf16 ``params``: the update is applied
+    to them and rounded into the parameters (see :func:`~._foreach.math_precision`).
     ``global_grad_norm``, when given, is :math:`\|G\|_2` of the NVLAMB pre-normalisation
     :math:`g / \max(1, \|G\|_2 / \text{pre\_normalization\_max\_norm})`. ``adapt`` turns the trust ratio on.
     With ``adapt``, each bucket's (parameters, trust ratios) is appended to ``trust_ratio_record`` when given.
     The tensors may be local shards of parameters sharded over ``shard_group`` (FSDP2): the trust ratio then uses
     whole-parameter norms, the shards' squared norms summed in one all-reduce per bucket.
     """
-    for (bucket_params, bucket_grads, bucket_exp_avgs, bucket_exp_avg_sqs, bucket_steps), _ in (
-        group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, state_steps])
+    if master_params is None:
+        master_params = [None] * len(params)
+    for (bucket_params, bucket_grads, bucket_exp_avgs, bucket_exp_avg_sqs, bucket_steps, bucket_masters), _ in (
+        group_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, state_steps, master_params])
     ):
-        with math_precision(bucket_params, bucket_grads) as (math_params, math_grads):
+        with math_precision(bucket_params, bucket_grads, bucket_masters) as (math_params, math_grads):
             ratios = _lamb_bucket(
                 math_params,
                 math_grads,

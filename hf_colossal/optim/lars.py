@@ -76,6 +76,8 @@ class Lars(LayerwiseOptimizer):
         nonfinite: what a step does when any gradient is inf/NaN: ``"skip"`` it entirely (parameters and
             momentum untouched) and count it in every group's ``nonfinite_skips``; ``"error"``: raise
             ``FloatingPointError``; ``"apply"``: no check (under a ``GradScaler``, which checks itself).
+        master_weights: keep an fp32 master copy of every fp16/bf16 parameter (``master_param``), as in
+            :class:`~hf_colossal.optim.Lamb`: steps update the copy and round it into the parameter.
         foreach: ``None`` or ``True``; ``fused=False`` is what selects the foreach implementation.
         fused: ``None`` (default): the fused Triton path (:mod:`hf_colossal.optim._triton`) when every parameter
             with a gradient is a contiguous fp32/bf16/fp16 CUDA tensor and triton is installed, else the
@@ -83,7 +85,8 @@ class Lars(LayerwiseOptimizer):
             it cannot run); ``False``: always the foreach path.
 
     State per parameter: ``momentum_buffer`` (fp32 for fp16/bf16 parameters, else the parameter dtype), only
-    when ``momentum != 0``. fp16/bf16 parameters get the update computed in fp32 and rounded back.
+    when ``momentum != 0``; ``master_param`` with ``master_weights``. fp16/bf16 parameters get the update computed
+    in fp32 and rounded back.
 
     The fused path does no host sync in a step: it skips a step with a non-finite gradient on the device, and the
     skips it counts reach ``nonfinite_skips`` when that key is read (see :class:`~._foreach.ParamGroup`). A step
@@ -111,6 +114,7 @@ class Lars(LayerwiseOptimizer):
         always_adapt: bool = False,
         lr_in_momentum: bool = False,
         nonfinite: str = "skip",
+        master_weights: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
     ) -> None:
@@ -128,6 +132,7 @@ class Lars(LayerwiseOptimizer):
             "lr_in_momentum": lr_in_momentum,
             "nonfinite": nonfinite,
             "nonfinite_skips": 0,
+            "master_weights": master_weights,
             "foreach": foreach,
             "fused": fused,
         }
@@ -148,6 +153,7 @@ class Lars(LayerwiseOptimizer):
                 local_tensors(params),
                 local_tensors(grads),
                 momentum_buffers,
+                master_params=local_tensors(self._master_params(params, group)),
                 grad_norms=group_grad_norms,
                 lr=group["lr"],
                 momentum=group["momentum"],
@@ -169,7 +175,8 @@ class Lars(LayerwiseOptimizer):
 
     @staticmethod
     def _state_keys(group: dict[str, Any]) -> tuple[str, ...]:
-        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+        keys = ("momentum_buffer",) if group["momentum"] != 0 else ()
+        return (*keys, "master_param") if group["master_weights"] else keys
 
     @staticmethod
     def _fused_hyper(group: dict[str, Any]) -> dict[str, Any]:
@@ -212,11 +219,12 @@ class Lars(LayerwiseOptimizer):
                         fresh[i] = 1
                     buffers.append(buffer)
                 columns.append(buffers)
+            columns.append(self._master_params(params, group))
             hyper = self._fused_hyper(group)
-            for bucket_columns, indices in group_by_device_and_dtype(columns):
+            for (*bucket_columns, bucket_masters), indices in group_by_device_and_dtype(columns):
                 key = (index, bucket_columns[0][0].device, bucket_columns[0][0].dtype)
                 flags = [fresh[i] for i in indices]
-                bucket = _triton.table_cache(self).bucket(key, bucket_columns, flags)
+                bucket = _triton.table_cache(self).bucket(key, bucket_columns, flags, masters=bucket_masters)
                 buckets.append(
                     _triton.GroupBucket(bucket, hyper, _triton.NONFINITE_CHECK[group["nonfinite"]], bucket_columns[0])
                 )
@@ -257,6 +265,7 @@ def lars(
     grads: list[Tensor],
     momentum_buffer_list: list[Tensor | None],
     *,
+    master_params: list[Tensor | None] | None = None,
     grad_norms: list[Tensor] | None = None,
     lr: float,
     momentum: float,
@@ -276,16 +285,19 @@ def lars(
     Updates ``params`` and the buffers of ``momentum_buffer_list`` in place; a ``None`` entry gets a new buffer
     (like ``torch.optim.SGD``: the first step's direction), stored back into the list. ``grads`` are only read.
     ``grad_norms`` are the gradients' L2 norms if already computed; they are taken here when ``None``.
+    ``master_params`` (None entries allowed) are fp32 master copies of fp16/bf16 ``params``, updated in their place.
     With ``adapt``, each bucket's (parameters, local learning rates before any lr factor) is appended to
     ``trust_ratio_record`` when given. The tensors may be local shards of parameters sharded over ``shard_group``
     (FSDP2): the trust ratio then uses whole-parameter norms (one all-reduce of squared shard norms per bucket).
     """
     if grad_norms is None:
         grad_norms = foreach_norms(grads)
-    for (bucket_params, bucket_grads, bucket_buffers, bucket_grad_norms), indices in group_by_device_and_dtype(
-        [params, grads, momentum_buffer_list, grad_norms]
+    if master_params is None:
+        master_params = [None] * len(params)
+    for (bucket_params, bucket_grads, bucket_buffers, bucket_grad_norms, bucket_masters), indices in (
+        group_by_device_and_dtype([params, grads, momentum_buffer_list, grad_norms, master_params])
     ):
-        with math_precision(bucket_params, bucket_grads) as (math_params, math_grads):
+        with math_precision(bucket_params, bucket_grads, bucket_masters) as (math_params, math_grads):
             ratios = _lars_bucket(
                 math_params,
                 math_grads,

@@ -69,16 +69,36 @@ def test_trainer_builds_lamb_with_policy_groups_and_hf_hyperparameters(tmp_path,
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
 
 
-def test_resume_from_checkpoint_continues_the_run_exactly(tmp_path, tokenized, minilm_path):
-    common = dict(optim="lars", optim_args="momentum=0.9,trust_clip=true", learning_rate=0.5, max_steps=6,
-                  save_strategy="steps", save_steps=3, lr_scheduler_type="linear")
-    straight = make_trainer(tmp_path / "a", tokenized, minilm_path, **common)
+RESUME_CASES = {
+    "lars": (Lars, dict(optim="lars", optim_args="momentum=0.9,trust_clip=true", learning_rate=0.5), torch.float32),
+    # a model held in bf16, its fp32 master weights in the optimizer state
+    "lamb-bf16-master": (Lamb, dict(optim="lamb", optim_args="master_weights=true", learning_rate=2e-3),
+                         torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_resume_from_checkpoint_continues_the_run_exactly(tmp_path, tokenized, minilm_path, case):
+    cls, options, dtype = RESUME_CASES[case]
+    common = dict(max_steps=6, save_strategy="steps", save_steps=3, lr_scheduler_type="linear", **options)
+    trainers = []
+    for run in ("a", "b"):
+        model = AutoModelForSequenceClassification.from_pretrained(minilm_path, num_labels=5).to(dtype)
+        trainers.append(make_trainer(tmp_path / run, tokenized, minilm_path, model=model, **common))
+    straight, resumed = trainers
     straight.train()
-    resumed = make_trainer(tmp_path / "b", tokenized, minilm_path, **common)
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
     for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
-        assert torch.equal(a, b), name
-    assert type(resumed.optimizer.optimizer) is Lars
+        assert a.dtype == dtype and torch.equal(a, b), name
+    assert type(resumed.optimizer.optimizer) is cls
+    straight_state = straight.optimizer.optimizer.state_dict()["state"]
+    resumed_state = resumed.optimizer.optimizer.state_dict()["state"]
+    assert straight_state.keys() == resumed_state.keys()
+    for index, entries in straight_state.items():
+        assert entries.keys() == resumed_state[index].keys()
+        assert ("master_param" in entries) == (dtype != torch.float32)
+        for key, value in entries.items():
+            assert torch.equal(value, resumed_state[index][key]), (index, key)
 
 
 def test_peft_lora_optimizes_only_adapters(tmp_path, tokenized, minilm_path):

@@ -133,6 +133,32 @@ def test_fused_matches_foreach(name, option, dtype):
 
 
 @fused_device
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(
+    ("name", "option"),
+    [("lamb", "default"), ("lamb", "everything"), ("lars", "nesterov_clip"), ("lars", "no_momentum_apply")],
+)
+def test_fused_master_weights_match_foreach(name, option, dtype):
+    """The kernels update the fp32 masters like the foreach path and store them rounded into the parameters."""
+    params, grads = make_problem(steps=4)
+    runs = {}
+    for label, fused in (("foreach", False), ("fused", True)):
+        tensors, optimizer = build(name, option, params, DEVICE, dtype, fused, master_weights=True)
+        run(tensors, optimizer, grads, dtype)
+        runs[label] = (tensors, optimizer)
+    (foreach_tensors, foreach_opt), (fused_tensors, fused_opt) = runs["foreach"], runs["fused"]
+    for expected, tensor in zip(foreach_tensors, fused_tensors):
+        master = fused_opt.state[tensor]["master_param"]
+        assert master.dtype == torch.float32 and tensor.dtype == dtype
+        torch.testing.assert_close(master, foreach_opt.state[expected]["master_param"], rtol=2e-5, atol=2e-6)
+        if INTERPRETING:  # the interpreter rounds by truncation: within one unit in the last place
+            torch.testing.assert_close(tensor.float(), master.to(dtype).float(), rtol=2 ** -7, atol=1e-6)
+        else:
+            assert torch.equal(tensor, master.to(dtype))
+    assert fused_opt.__dict__.get("_fused_plan") is not None  # later steps took the cached plan
+
+
+@fused_device
 @pytest.mark.parametrize(("name", "option"), CASES, ids=[f"{n}-{o}" for n, o in CASES])
 def test_recorded_trust_ratios_match_foreach(name, option):
     params, grads = make_problem(steps=3)

@@ -108,6 +108,11 @@ class KfacConfig(OptimizerConfig):
     damping_scale: Literal["absolute", "relative"] = _opt(
         "absolute", "damping as given, or relative to each layer's mean eigenvalue of A x G"
     )
+    damping_adaptation: Literal["none", "levenberg_marquardt"] = _opt(
+        "none", "fixed damping, or Levenberg-Marquardt from the loss of the last batch replayed (M&G 6.5)"
+    )
+    adaptation_interval: int = _opt(5, "steps between damping adaptations (2 extra forwards each)")
+    min_damping: float = _opt(1e-8, "floor of the adapted damping")
     pi_damping: bool = _opt(True, "split the damping between the factors by their traces (Martens & Grosse 6.3)")
     factor_decay: float = _opt(0.95, "moving-average decay of the factors")
     factor_interval: int = _opt(10, "steps between factor updates (statistics taken only before those)")

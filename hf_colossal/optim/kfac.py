@@ -7,7 +7,8 @@ References (equation numbers cite the papers):
   :math:`A = E[\bar a \bar a^\top]` (inputs with a homogeneous coordinate for the bias, Sec. 3) and
   :math:`G = E[g g^\top]` (per-example gradients of the layer's outputs), eq. (1)-(3); its inverse applied as
   :math:`G^{-1} \nabla_W A^{-1}` (Sec. 4.2); factored Tikhonov damping with the :math:`\pi` correction
-  (Sec. 6.3); exponential moving averages of the factors (Sec. 5).
+  (Sec. 6.3); exponential moving averages of the factors (Sec. 5); Levenberg-Marquardt adaptation of the
+  damping from the reduction ratio of a quadratic model (Sec. 6.5).
 - Grosse & Martens 2016, "A Kronecker-factored approximate Fisher matrix for convolution layers" (KFC),
   arXiv:1602.01407 — convolutions: patches as inputs, spatial locations as independent (Sec. 3.1, eq. 22-23).
 - Eschenhagen, Immer, Turner, Schneider, Hennig 2023, "Kronecker-Factored Approximate Curvature for Modern Neural
@@ -42,6 +43,7 @@ import logging
 import math
 import re
 from contextlib import ExitStack, contextmanager
+from collections.abc import Mapping
 from functools import partial
 from typing import Any, Iterator
 
@@ -67,6 +69,7 @@ from ._foreach import (
     restore_state_precision,
     stack_on_one_device,
 )
+from .hessian_free import levenberg_marquardt
 
 __all__ = ["Kfac", "KfacLayer", "find_kfac_layers"]
 
@@ -75,6 +78,7 @@ logger = logging.getLogger(__name__)
 BASE_RULES = ("adam_graft", "adam", "sgd")
 METHODS = ("inverse", "eigen")
 DAMPING_SCALES = ("absolute", "relative")
+DAMPING_ADAPTATIONS = ("none", "levenberg_marquardt")
 APPROXIMATIONS = ("expand", "reduce")
 EMBEDDING_MODES = ("diagonal", "skip")
 MATMUL_PRECISIONS = ("high", "highest")
@@ -207,6 +211,34 @@ def precondition(grad: Tensor, g_inverse: Any, a_inverse: Any) -> Tensor:
         return x @ inverse
 
     return right(left(grad, g_inverse), a_inverse)
+
+
+def damped_kronecker_quadratic(delta: Tensor, a_factor: Tensor, g_factor: Tensor, gamma_a: Tensor,
+                               gamma_g: Tensor) -> Tensor:
+    r""":math:`\mathrm{vec}(\Delta)^\top [(A + \gamma_A I) \otimes (G + \gamma_G I)]\, \mathrm{vec}(\Delta)
+    = \langle (G + \gamma_G I)\, \Delta\, (A + \gamma_A I), \Delta \rangle` for a ``(d_G, d_A)`` step
+    :math:`\Delta`: the curvature term of the quadratic model under the damped K-FAC curvature that the step
+    inverts (Martens & Grosse 2015 Sec. 6.5, with :math:`F` replaced by its damped Kronecker approximation). A 1-D
+    ``a_factor`` is a diagonal factor."""
+    left = g_factor @ delta + gamma_g * delta
+    right = left * (a_factor + gamma_a) if a_factor.dim() == 1 else left @ a_factor + gamma_a * left
+    return (right * delta).sum()
+
+
+def reduction_ratio(loss_before: Tensor, loss_after: Tensor, model_change: Tensor) -> float | None:
+    r""":math:`\rho = (h(\theta + \delta) - h(\theta)) / M(\delta)` (Martens & Grosse 2015 Sec. 6.5), read on
+    the host (one synchronisation).
+
+    The learning rate, not the model, sets the step's length here, so the model may predict no decrease
+    (:math:`M(\delta) \ge 0`: the step overshoots the model's minimum). Then a loss that rose counts as a bad
+    step (``-inf``), and otherwise there is nothing to learn (None; also for a skipped step, :math:`\delta = 0`).
+    A loss that is not finite after the step is a bad step."""
+    before, after, change = torch.stack([loss_before, loss_after, model_change]).double().tolist()
+    if not math.isfinite(after):
+        return -math.inf
+    if not change < 0:
+        return -math.inf if after > before else None
+    return (after - before) / change
 
 
 def kl_clip_scale(step_inner_products: list[Tensor], kl_clip: float) -> Tensor:
@@ -347,12 +379,17 @@ class KfacLayer:
     def weight_from_matrix(self, matrix: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def grad_matrix(self) -> Tensor:
-        """The gradient as one ``(d_G, d_A)`` fp32 matrix, the bias's as the last column."""
-        weight = self.weight_matrix(self.weight.grad).to(math_dtype(self.weight.dtype))
-        if self.bias is None:
+    def matrix_of(self, weight_like: Tensor, bias_like: Tensor | None) -> Tensor:
+        """Tensors shaped like the weight and bias as one ``(d_G, d_A)`` matrix in the math dtype, the bias's as
+        the last column."""
+        weight = self.weight_matrix(weight_like).to(math_dtype(self.weight.dtype))
+        if bias_like is None:
             return weight
-        return torch.cat([weight, self.bias.grad.to(weight.dtype)[:, None]], dim=1)
+        return torch.cat([weight, bias_like.to(weight.dtype)[:, None]], dim=1)
+
+    def grad_matrix(self) -> Tensor:
+        """The gradient as one ``(d_G, d_A)`` matrix (fp32 for fp16/bf16 weights), the bias's as the last column."""
+        return self.matrix_of(self.weight.grad, None if self.bias is None else self.bias.grad)
 
     def split(self, matrix: Tensor) -> list[Tensor]:
         """A ``(d_G, d_A)`` matrix back into tensors shaped like :attr:`params`."""
@@ -599,6 +636,24 @@ class Kfac(Optimizer):
         factor_decay, factor_interval, inverse_interval, kl_clip (``None`` = off): see above.
         damping_scale: ``"absolute"`` (:math:`\lambda` as given) or ``"relative"`` (:math:`\lambda` times each
             layer's mean eigenvalue of :math:`A \otimes G`; see :func:`factored_damping`).
+        damping_adaptation: ``"none"`` (:math:`\lambda` fixed) or ``"levenberg_marquardt"`` (Martens & Grosse
+            2015 Sec. 6.5): every ``adaptation_interval`` (:math:`T_1`) steps the optimizer evaluates the loss of
+            the step's last training batch before and after its update and compares the change with the quadratic
+            model :math:`M(\delta) = \nabla h^\top \delta + \frac12 \sum_l \delta_l^\top [(A_l + \gamma_A I)
+            \otimes (G_l + \gamma_G I)] \delta_l` (:func:`damped_kronecker_quadratic`; layers without factors
+            contribute their linear term only): with :math:`\rho = (h(\theta+\delta) - h(\theta)) / M(\delta)`,
+            :math:`\lambda \leftarrow \omega\lambda` if :math:`\rho > 3/4`, :math:`\lambda / \omega` if
+            :math:`\rho < 1/4`, :math:`\omega = (19/20)^{T_1}`, never below ``min_damping``. The new
+            :math:`\lambda` enters at the next inverse update. The batch is replayed by calling the model on the
+            inputs of its last training forward before the step (a forward pre-hook keeps them), in training
+            mode with the same dropout masks before and after the update, batch-norm statistics restored,
+            without gradients, under the autocast state of that forward, and without Trainer's
+            ``num_items_in_batch`` (so the loss is the batch mean). The model's
+            forward must return its loss: a scalar tensor, or an output with a ``loss`` (HF models given
+            labels). Cost: two forward passes every :math:`T_1` steps and one host sync; under DDP the two losses
+            are averaged over the ranks (one all-reduce).
+        adaptation_interval: :math:`T_1` above (>= 1).
+        min_damping: the floor of the adapted :math:`\lambda` (> 0).
         linear_approximation, conv2d_approximation: ``"expand"`` or ``"reduce"`` for inputs with shared
             dimensions (Eschenhagen et al. 2023).
         embedding: ``"diagonal"`` (diagonal :math:`A`) or ``"skip"`` (base rule).
@@ -619,7 +674,9 @@ class Kfac(Optimizer):
     State: per parameter the base rule's tensors (``step``, ``exp_avg``, ``exp_avg_sq``, ``kfac_exp_avg``,
     ``momentum_buffer``); on each layer's weight ``kfac_a``, ``kfac_g`` and their inverses (``kfac_a_inv``,
     ``kfac_g_inv``) or eigenvectors and scales (``kfac_*_eigenvectors``, ``kfac_*_scales``); in
-    ``state_dict()["kfac"]`` the step and factor-update counts. Schedules count ``step()`` calls.
+    ``state_dict()["kfac"]`` the step and factor-update counts, the current damping :math:`\lambda` (attribute
+    ``damping``) and the last reduction ratio (``reduction_ratio``, None before the first adaptation). Schedules
+    count ``step()`` calls.
     """
 
     def __init__(
@@ -636,6 +693,9 @@ class Kfac(Optimizer):
         method: str = "inverse",
         damping: float = 1e-3,
         damping_scale: str = "absolute",
+        damping_adaptation: str = "none",
+        adaptation_interval: int = 5,
+        min_damping: float = 1e-8,
         pi_damping: bool = True,
         factor_decay: float = 0.95,
         factor_interval: int = 10,
@@ -653,7 +713,8 @@ class Kfac(Optimizer):
             raise TypeError(f"Kfac: model must be the nn.Module whose layers it preconditions, got {type(model)}")
         self.settings = {
             "base_rule": base_rule, "method": method, "damping": damping, "damping_scale": damping_scale,
-            "pi_damping": pi_damping,
+            "damping_adaptation": damping_adaptation, "adaptation_interval": adaptation_interval,
+            "min_damping": min_damping, "pi_damping": pi_damping,
             "factor_decay": factor_decay, "factor_interval": factor_interval, "inverse_interval": inverse_interval,
             "kl_clip": kl_clip, "linear_approximation": linear_approximation,
             "conv2d_approximation": conv2d_approximation, "embedding": embedding, "skip_layers": tuple(skip_layers),
@@ -676,8 +737,18 @@ class Kfac(Optimizer):
         self._inverse_version = 0
         self._batches: tuple[int, list[tuple[list[KfacLayer], Tensor, Tensor]]] | None = None
         self.factor_updates = 0
+        #: The damping :math:`\lambda` the next inverse update uses (adapted with ``damping_adaptation``).
+        self.damping = float(damping)
+        #: :math:`\rho` of the last damping adaptation (None before the first one).
+        self.reduction_ratio: float | None = None
+        self._model = model
+        #: The inputs of the last training forward before an adapting step: (args, kwargs, (device, autocast
+        #: enabled, autocast dtype)).
+        self._probe_inputs: tuple[tuple[Any, ...], dict[str, Any], tuple[torch.device, bool, torch.dtype]] | None = None
         self._hooks = [layer.module.register_forward_hook(partial(self._forward_hook, layer))
                        for layer in self.layers]
+        if damping_adaptation != "none":
+            self._hooks.append(model.register_forward_pre_hook(self._keep_probe_inputs, with_kwargs=True))
         logger.info(
             "Kfac preconditions %d layers; the base rule (%s) updates the parameters of: %s", len(self.layers),
             base_rule, "; ".join(f"{name} ({reason})" for name, reason in fallback.items()) or "none",
@@ -701,6 +772,12 @@ class Kfac(Optimizer):
         """Whether the coming forward/backward passes feed the next step's factor update."""
         return self.step_calls % self.settings["factor_interval"] == 0
 
+    @property
+    def adapting(self) -> bool:
+        """Whether the coming step adapts the damping (its training forwards are kept to replay the loss)."""
+        return (self.settings["damping_adaptation"] != "none"
+                and self.step_calls % self.settings["adaptation_interval"] == 0)
+
     # -- hooks ----------------------------------------------------------------------------------------------------
 
     def _forward_hook(self, layer: KfacLayer, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
@@ -710,6 +787,13 @@ class Kfac(Optimizer):
             layer.accumulate_input(args[0].detach())
         if output.requires_grad:
             output.register_hook(partial(self._output_grad_hook, layer))
+
+    def _keep_probe_inputs(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not (self.adapting and module.training and torch.is_grad_enabled()):
+            return
+        device = next(module.parameters()).device
+        autocast = (device, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+        self._probe_inputs = (args, {k: v for k, v in kwargs.items() if k != "num_items_in_batch"}, autocast)
 
     def _output_grad_hook(self, layer: KfacLayer, grad_output: Tensor) -> None:
         with torch.no_grad(), torch.autocast(grad_output.device.type, enabled=False), \
@@ -743,16 +827,96 @@ class Kfac(Optimizer):
                 self._update_inverses()
             directions = self._preconditioned_directions()
         apply = torch.ones((), device=device) if finite is None else finite.float()
+        probe = self._probe_before_update(params_and_grads) if self.adapting and self._probe_inputs else None
         for group, (params, group_grads) in zip(self.param_groups, params_and_grads):
             if params:
                 self._base_rule(group, params, group_grads, directions, finite, apply)
+        if probe is not None:
+            self._adapt_damping(*probe)
         self._finish_step()
         return loss
 
     def _finish_step(self) -> None:
         self.step_calls += 1
+        self._probe_inputs = None
         for layer in self.layers:
             layer.reset_statistics()
+
+    # -- damping adaptation ---------------------------------------------------------------------------------------
+
+    def _probe_loss(self) -> Tensor:
+        """The loss of the kept training batch at the current parameters, as training computed it (modules keep
+        their modes), without gradients, under the batch's autocast state. Dropout draws the same masks in every
+        replay of a step (a seed of its own; the global RNG streams are restored afterwards) and the model's
+        buffers (batch-norm running statistics) are put back, so a replay leaves no trace."""
+        args, kwargs, (device, autocast_enabled, autocast_dtype) = self._probe_inputs
+        buffers = [(buffer, buffer.clone()) for buffer in self._model.buffers()]
+        devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+            if device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), \
+                    torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_enabled):
+                torch.manual_seed(self.step_calls)
+                output = self._model(*args, **kwargs)
+        finally:
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+        if isinstance(output, Tensor):
+            loss = output
+        elif isinstance(output, Mapping):
+            loss = output.get("loss")
+        else:
+            loss = getattr(output, "loss", None)
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ValueError(
+                "Kfac(damping_adaptation='levenberg_marquardt') replays the last training batch and needs the "
+                "model's forward to return its loss (a scalar tensor, or an output with a 'loss', as HF models do "
+                f"when given labels); got {type(output).__name__}. Use damping_adaptation='none' otherwise"
+            )
+        return loss.detach().float().reshape(())
+
+    def _probe_before_update(self, params_and_grads: list[tuple[list[Tensor], list[Tensor]]]) -> tuple[Any, ...]:
+        r"""What the damping adaptation needs from before the update: the loss, the parameters and gradients, and
+        each factored layer's damping terms at the current :math:`\lambda`."""
+        params = [p for group_params, _ in params_and_grads for p in group_params]
+        grads = [g for _, group_grads in params_and_grads for g in group_grads]
+        before = [p.detach().to(math_dtype(p.dtype), copy=True) for p in params]
+        gammas = {}
+        for layer in self.layers:
+            state = self.state[layer.weight]
+            if "kfac_a" in state and all(p.grad is not None for p in layer.params):
+                gammas[id(layer)] = self._damping_terms(state)
+        return self._probe_loss(), params, grads, before, gammas
+
+    def _adapt_damping(self, loss_before: Tensor, params: list[Tensor], grads: list[Tensor], before: list[Tensor],
+                       gammas: dict[int, tuple[Tensor, Tensor]]) -> None:
+        """Levenberg-Marquardt (Martens & Grosse 2015 Sec. 6.5) from the update just applied to ``params``."""
+        deltas = {id(p): p.detach().to(b.dtype) - b for p, b in zip(params, before)}
+        change = stack_on_one_device([(g.to(deltas[id(p)].dtype) * deltas[id(p)]).sum()
+                                      for p, g in zip(params, grads)]).sum()
+        for layer in self.layers:
+            if id(layer) not in gammas:
+                continue
+            state = self.state[layer.weight]
+            delta = layer.matrix_of(deltas[id(layer.weight)], None if layer.bias is None else deltas[id(layer.bias)])
+            change = change + 0.5 * damped_kronecker_quadratic(delta, state["kfac_a"], state["kfac_g"],
+                                                               *gammas[id(layer)]).to(change.device)
+        losses = torch.stack([loss_before, self._probe_loss()])
+        if data_parallel_world() > 1:
+            dist.all_reduce(losses)
+            losses /= data_parallel_world()
+        rho = reduction_ratio(losses[0], losses[1], change.to(losses.device))
+        if rho is None:
+            return
+        omega = (19.0 / 20.0) ** self.settings["adaptation_interval"]
+        self.reduction_ratio = rho
+        self.damping = levenberg_marquardt(self.damping, rho, increase=1.0 / omega, decrease=omega,
+                                           min_damping=self.settings["min_damping"])
+
+    def _damping_terms(self, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        r""":math:`(\gamma_A, \gamma_G)` of a layer at the current damping (:func:`factored_damping`)."""
+        return factored_damping(state["kfac_a"], state["kfac_g"], self.damping, self.settings["pi_damping"],
+                                relative=self.settings["damping_scale"] == "relative")
 
     def _finite_flag(self, params_and_grads: list[tuple[list[Tensor], list[Tensor]]]) -> Tensor | None:
         """A 0-d bool tensor: all checked gradients finite (None when every group has ``nonfinite="apply"``)."""
@@ -803,9 +967,7 @@ class Kfac(Optimizer):
         jobs: dict[int, list[tuple[KfacLayer, str, Tensor, Tensor]]] = {}
         for layer in layers:
             state = self.state[layer.weight]
-            gamma_a, gamma_g = factored_damping(state["kfac_a"], state["kfac_g"], self.settings["damping"],
-                                                self.settings["pi_damping"],
-                                                relative=self.settings["damping_scale"] == "relative")
+            gamma_a, gamma_g = self._damping_terms(state)
             if layer.diagonal_input_factor:
                 state["kfac_a_inv"] = 1.0 / (state["kfac_a"] + gamma_a)
             else:
@@ -958,13 +1120,16 @@ class Kfac(Optimizer):
     # -- checkpoints ----------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict plus ``"kfac"``: the step and factor-update counts the schedules run on."""
+        """torch's state dict plus ``"kfac"``: the step and factor-update counts the schedules run on, the damping
+        and the last reduction ratio."""
         state_dict = super().state_dict()
-        state_dict["kfac"] = {"step_calls": self.step_calls, "factor_updates": self.factor_updates}
+        state_dict["kfac"] = {"step_calls": self.step_calls, "factor_updates": self.factor_updates,
+                              "damping": self.damping, "reduction_ratio": self.reduction_ratio}
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load like ``torch.optim.Optimizer`` (state of fp16/bf16 parameters kept fp32) and the K-FAC counts."""
+        """Load like ``torch.optim.Optimizer`` (state of fp16/bf16 parameters kept fp32), the K-FAC counts and the
+        damping (a checkpoint without one keeps the configured damping)."""
         counts = state_dict.get("kfac", {"step_calls": 0, "factor_updates": 0})
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "kfac"})
         restore_state_precision(self, state_dict)
@@ -972,6 +1137,8 @@ class Kfac(Optimizer):
         self._nonfinite_skip_counter = None
         self._inverse_version += 1
         self.step_calls, self.factor_updates = int(counts["step_calls"]), int(counts["factor_updates"])
+        self.damping = float(counts.get("damping", self.settings["damping"]))
+        self.reduction_ratio = counts.get("reduction_ratio")
         for layer in self.layers:
             layer.reset_statistics()
 
@@ -995,14 +1162,15 @@ def _check_settings(settings: dict[str, Any]) -> None:
     where = "Kfac"
     for name, choices in (("base_rule", BASE_RULES), ("method", METHODS), ("linear_approximation", APPROXIMATIONS),
                           ("conv2d_approximation", APPROXIMATIONS), ("embedding", EMBEDDING_MODES),
-                          ("damping_scale", DAMPING_SCALES),
+                          ("damping_scale", DAMPING_SCALES), ("damping_adaptation", DAMPING_ADAPTATIONS),
                           ("matmul_precision", MATMUL_PRECISIONS)):
         require(settings[name] in choices, where, name, settings[name], f"expected one of {choices}")
-    require(is_real(settings["damping"]) and settings["damping"] > 0, where, "damping", settings["damping"],
-            "expected a real number > 0")
+    for name in ("damping", "min_damping"):
+        require(is_real(settings[name]) and settings[name] > 0, where, name, settings[name],
+                "expected a real number > 0")
     require(is_real(settings["factor_decay"]) and 0 <= settings["factor_decay"] < 1, where, "factor_decay",
             settings["factor_decay"], "expected 0 <= factor_decay < 1")
-    for name in ("factor_interval", "inverse_interval", "max_factor_dim"):
+    for name in ("factor_interval", "inverse_interval", "adaptation_interval", "max_factor_dim"):
         value = settings[name]
         require(is_int(value) and value >= 1, where, name, value, "expected an int >= 1")
     kl_clip = settings["kl_clip"]

@@ -1,6 +1,8 @@
 """optim="kfac" in the stock Trainer: built with the model through Trainer's factory route, trains MiniLM on BBC
 articles, takes no statistics in evaluation, resumes from a checkpoint exactly (hooks on the new model)."""
 
+import math
+
 import pytest
 import torch
 from transformers import TrainingArguments
@@ -50,3 +52,15 @@ def test_trainer_trains_with_kfac_resumes_exactly_and_evaluation_takes_no_statis
     assert opt.collecting
     resumed.evaluate()
     assert all(layer.input_sum is None and layer.output_grad_sum is None for layer in opt.layers)
+
+
+def test_trainer_adapts_the_damping_from_replayed_batches(tmp_path, tokenized, minilm_path, one_thread):
+    """Trainer gives no closure: the optimizer replays the last training batch (its loss is the model's output)."""
+    trainer = make_trainer(tmp_path, tokenized, minilm_path, optim="kfac", learning_rate=1e-4, max_steps=2,
+                           gradient_accumulation_steps=2, optim_args="damping_adaptation=levenberg_marquardt,"
+                           "adaptation_interval=1,factor_interval=1,inverse_interval=1")
+    trainer.train()
+    opt = trainer.optimizer.optimizer
+    assert opt.reduction_ratio is not None and math.isfinite(opt.reduction_ratio)
+    assert opt.damping != 1e-3
+    assert trainer.optimizer.state_dict()["kfac"]["damping"] == opt.damping

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
@@ -12,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hf_colossal.config import OptionsError
 from hf_colossal.optim import Kfac
-from hf_colossal.optim.kfac import find_kfac_layers, update_factor_
+from hf_colossal.optim.kfac import damped_kronecker_quadratic, find_kfac_layers, update_factor_
 from hf_colossal.registry import build_optimizer, get_optimizer_spec
 
 from .distributed import gloo_process_group
@@ -112,9 +113,16 @@ def _loss(model, batch):
     return F.cross_entropy(model(ids, images).reshape(-1, 3), labels.reshape(-1))
 
 
-def _net():
+class _NetWithLoss(_Net):
+    """The same network returning its loss, as a model must for the damping adaptation's replays."""
+
+    def forward(self, ids, images, labels):
+        return F.cross_entropy(super().forward(ids, images).reshape(-1, 3), labels.reshape(-1))
+
+
+def _net(cls=_Net):
     torch.manual_seed(0)
-    return _Net().double()
+    return cls().double()
 
 
 @pytest.mark.parametrize("method, damping_scale", [("inverse", "absolute"), ("eigen", "absolute"),
@@ -207,7 +215,7 @@ def test_state_dict_round_trip_resumes_exactly(method):
     opt = build_optimizer("kfac", model, lr=0.05, weight_decay=0.01, options=options)
     _train(model, opt, range(3))
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-    assert saved_opt["kfac"] == {"step_calls": 3, "factor_updates": 2}
+    assert saved_opt["kfac"] == {"step_calls": 3, "factor_updates": 2, "damping": 1e-3, "reduction_ratio": None}
     assert {"kfac_a", "kfac_g", "step", "exp_avg", "exp_avg_sq", "kfac_exp_avg"} <= set(saved_opt["state"][0])
     _train(model, opt, range(3, 7))
 
@@ -288,6 +296,10 @@ def test_options_and_construction_errors():
         spec.parse_options("damping_scale=adaptive")
     with pytest.raises(ValueError, match="damping_scale"):
         Kfac(_net().parameters(), _net(), damping_scale="scaled")
+    with pytest.raises(OptionsError, match="'damping_adaptation' must be 'none' \\| 'levenberg_marquardt'"):
+        spec.parse_options("damping_adaptation=lm")
+    with pytest.raises(ValueError, match="adaptation_interval"):
+        Kfac(_net().parameters(), _net(), damping_adaptation="levenberg_marquardt", adaptation_interval=0)
     with pytest.raises(OptionsError, match="'lr' is set by --learning_rate"):
         spec.parse_options("lr=1")
     with pytest.raises(OptionsError, match="damping"):
@@ -301,17 +313,23 @@ def test_options_and_construction_errors():
 # Data parallel: 2 gloo processes equal one process on the global batch
 
 DDP_OPTIONS = dict(lr=0.05, weight_decay=0.01, options="factor_interval=1,inverse_interval=2")
+# the damping adaptation replays each rank's half batch and averages the two losses: the global batch's loss
+DDP_ADAPTIVE_OPTIONS = dict(DDP_OPTIONS, options=DDP_OPTIONS["options"] + ",damping_adaptation=levenberg_marquardt,"
+                            "adaptation_interval=1")
 
 
-def _ddp_worker(rank, world_size, port, result_path):
+def _ddp_worker(rank, world_size, port, result_path, adaptive):
     with gloo_process_group(rank, world_size, port):
-        model = _net()
-        opt = build_optimizer("kfac", model, **DDP_OPTIONS)
+        model = _net(_NetWithLoss if adaptive else _Net)
+        opt = build_optimizer("kfac", model, **(DDP_ADAPTIVE_OPTIONS if adaptive else DDP_OPTIONS))
         ddp = DistributedDataParallel(model)
         for step in range(4):
             ids, images, labels = _net_batch(step, n=16)
             part = slice(rank * 8, (rank + 1) * 8)
-            F.cross_entropy(ddp(ids[part], images[part]).reshape(-1, 3), labels[part].reshape(-1)).backward()
+            if adaptive:
+                ddp(ids[part], images[part], labels[part]).backward()
+            else:
+                F.cross_entropy(ddp(ids[part], images[part]).reshape(-1, 3), labels[part].reshape(-1)).backward()
             opt.step()
             model.zero_grad()
         from torch.distributed.device_mesh import init_device_mesh
@@ -323,20 +341,26 @@ def _ddp_worker(rank, world_size, port, result_path):
             refusal = None
         except ValueError as err:
             refusal = str(err)
+        dampings = [torch.zeros((), dtype=torch.float64) for _ in range(world_size)]
+        dist.all_gather(dampings, torch.tensor(opt.damping, dtype=torch.float64))
         if rank == 0:
-            torch.save(([p.detach() for p in model.parameters()], opt.state_dict()["state"], refusal), result_path)
+            torch.save(([p.detach() for p in model.parameters()], opt.state_dict()["state"], refusal,
+                        [d.item() for d in dampings]), result_path)
 
 
-def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, 29650, tmp_path / "ddp.pt"), nprocs=2, join=True)
-    params, state, refusal = torch.load(tmp_path / "ddp.pt", weights_only=False)
-    reference = _net()
-    opt = build_optimizer("kfac", reference, **DDP_OPTIONS)
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed_damping", "adaptive_damping"])
+def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path, adaptive):
+    mp.spawn(_ddp_worker, args=(2, 29650 + adaptive, tmp_path / "ddp.pt", adaptive), nprocs=2, join=True)
+    params, state, refusal, dampings = torch.load(tmp_path / "ddp.pt", weights_only=False)
+    reference = _net(_NetWithLoss if adaptive else _Net)
+    opt = build_optimizer("kfac", reference, **(DDP_ADAPTIVE_OPTIONS if adaptive else DDP_OPTIONS))
     for step in range(4):
-        ids, images, labels = _net_batch(step, n=16)
-        _loss(reference, (ids, images, labels)).backward()
+        batch = _net_batch(step, n=16)
+        (reference(*batch) if adaptive else _loss(reference, batch)).backward()
         opt.step()
         reference.zero_grad()
+    if adaptive:
+        assert opt.damping != 1e-3 and dampings == [pytest.approx(opt.damping, rel=1e-9)] * 2
     for got, expected in zip(params, reference.parameters()):
         torch.testing.assert_close(got, expected.detach(), rtol=1e-9, atol=1e-12)
     for index, entries in opt.state_dict()["state"].items():
@@ -390,3 +414,104 @@ def test_kfac_reaches_the_tuned_baselines_final_eval_loss_in_fewer_steps(one_thr
                         data)
     reached = next((step for step, loss in kfac if loss <= target), None)
     assert reached is not None and reached <= 0.75 * QUALITY_STEPS, (target, kfac)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Levenberg-Marquardt damping (Martens & Grosse 2015 Sec. 6.5)
+
+
+def test_damped_kronecker_quadratic_matches_the_dense_form():
+    generator = torch.Generator().manual_seed(0)
+    delta = torch.randn(4, 3, generator=generator, dtype=torch.float64)
+    rows_a, rows_g = torch.randn(7, 3, generator=generator, dtype=torch.float64), torch.randn(7, 4, generator=generator,
+                                                                                               dtype=torch.float64)
+    a, g = rows_a.T @ rows_a, rows_g.T @ rows_g
+    gamma_a, gamma_g = torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.05, dtype=torch.float64)
+    vec = delta.T.reshape(-1)  # column-major vec: (A kron G) vec(D) = vec(G D A)
+    dense = torch.kron(a + gamma_a * torch.eye(3, dtype=torch.float64), g + gamma_g * torch.eye(4, dtype=torch.float64))
+    torch.testing.assert_close(damped_kronecker_quadratic(delta, a, g, gamma_a, gamma_g), vec @ dense @ vec)
+    diagonal = a.diagonal().clone()
+    dense = torch.kron(torch.diag(diagonal + gamma_a), g + gamma_g * torch.eye(4, dtype=torch.float64))
+    torch.testing.assert_close(damped_kronecker_quadratic(delta, diagonal, g, gamma_a, gamma_g), vec @ dense @ vec)
+
+
+ADAPTIVE = "damping_adaptation=levenberg_marquardt,adaptation_interval=1,factor_interval=1,inverse_interval=1"
+
+
+def _digits_cnn_steps(lr, steps, options=ADAPTIVE, model=None, optimizer=None, first_step=0):
+    from hf_colossal.recipes.models import SmallCNN
+
+    (x_train, y_train), _ = _digits()
+    if model is None:
+        torch.manual_seed(0)
+        model = SmallCNN(channels=8)
+        optimizer = build_optimizer("kfac", model, lr=lr, options=options)
+    ratios = []
+    for step in range(first_step, first_step + steps):
+        index = torch.arange(step * 32, (step + 1) * 32)
+        model.train()
+        model(x_train[index], y_train[index])["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ratios.append((optimizer.reduction_ratio, optimizer.damping))
+    return model, optimizer, ratios
+
+
+def test_damping_adaptation_replays_the_batch_and_follows_the_reduction_ratio(one_thread):
+    omega = (19 / 20) ** 1
+    # tiny steps: the loss changes by the linear term of the model, so rho is close to 1 and the damping shrinks
+    _, _, small = _digits_cnn_steps(1e-5, 3)
+    for rho, _ in small:
+        assert abs(rho - 1.0) < 0.05, small
+    assert small[-1][1] == pytest.approx(1e-3 * omega**3)
+    # a step far too long: the loss rises, rho < 1/4 and the damping grows
+    _, _, large = _digits_cnn_steps(30.0, 2)
+    assert large[0][0] < 0.25 and large[0][1] == pytest.approx(1e-3 / omega)
+
+
+def test_damping_adaptation_touches_no_batch_norm_statistics_or_random_stream(one_thread):
+    from hf_colossal.recipes.models import SmallCNN
+
+    (x_train, y_train), _ = _digits()
+    torch.manual_seed(0)
+    model = SmallCNN(channels=8)
+    optimizer = build_optimizer("kfac", model, lr=1e-3, options=ADAPTIVE)
+    model.train()
+    model(x_train[:32], y_train[:32])["loss"].backward()
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    rng = torch.get_rng_state()
+    optimizer.step()
+    assert optimizer.reduction_ratio is not None
+    assert torch.equal(torch.get_rng_state(), rng)
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, buffers[name]), name
+    with torch.no_grad():  # evaluation between steps keeps no batch for the replay
+        model.eval()
+        model(x_train[32:64], y_train[32:64])
+    assert optimizer._probe_inputs is None
+
+
+def test_damping_adaptation_state_round_trip_resumes_exactly(one_thread):
+    model, optimizer, _ = _digits_cnn_steps(2e-2, 3)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    assert saved_opt["kfac"]["damping"] == optimizer.damping != 1e-3
+    _, _, straight = _digits_cnn_steps(None, 3, model=model, optimizer=optimizer, first_step=3)
+
+    from hf_colossal.recipes.models import SmallCNN
+
+    fresh = SmallCNN(channels=8)
+    fresh.load_state_dict(saved_model)
+    fresh_opt = build_optimizer("kfac", fresh, lr=2e-2, options=ADAPTIVE)
+    fresh_opt.load_state_dict(saved_opt)
+    _, _, resumed = _digits_cnn_steps(None, 3, model=fresh, optimizer=fresh_opt, first_step=3)
+    assert resumed == straight
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_damping_adaptation_needs_a_model_that_returns_its_loss():
+    model = _net()
+    optimizer = build_optimizer("kfac", model, lr=1e-3, options=ADAPTIVE)
+    _loss(model, _net_batch(0)).backward()
+    with pytest.raises(ValueError, match="return its loss"):
+        optimizer.step()

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 from _quality import autocast, device_line, plot_curves, reach, synchronize
-from torch.nn import functional as F
 
 KFAC_OPTIONS = "factor_interval=10,inverse_interval=10"
 TASKS = {
@@ -68,7 +67,8 @@ def bbc_task(device, tiny):
 
     def loss(model, batch):
         ids, mask, labels = batch
-        return F.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, labels)
+        # the model computes its loss (cross-entropy, as Trainer has it do): K-FAC's damping adaptation replays it
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
     return make_model, train, evaluation, loss
 

@@ -42,8 +42,8 @@ from __future__ import annotations
 import logging
 import math
 import re
-from contextlib import ExitStack, contextmanager
 from collections.abc import Mapping
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from typing import Any, Iterator
 
@@ -744,7 +744,7 @@ class Kfac(Optimizer):
         self._model = model
         #: The inputs of the last training forward before an adapting step: (args, kwargs, (device, autocast
         #: enabled, autocast dtype)).
-        self._probe_inputs: tuple[tuple[Any, ...], dict[str, Any], tuple[torch.device, bool, torch.dtype]] | None = None
+        self._probe_inputs: tuple[tuple[Any, ...], dict[str, Any], tuple[Any, ...]] | None = None
         self._hooks = [layer.module.register_forward_hook(partial(self._forward_hook, layer))
                        for layer in self.layers]
         if damping_adaptation != "none":

@@ -200,15 +200,18 @@ def register_optimizer_handlers(trainer_optimizer: ModuleType) -> None:
 
 
 def register_log_contributions(trainer_module: ModuleType) -> None:
-    """Wrap ``Trainer.log`` to merge what callbacks offer through ``contribute_logs(logs)`` (idempotent)."""
+    """Wrap ``Trainer.log`` to merge what callbacks and the optimizer (inside accelerate's wrapper) offer through
+    ``contribute_logs(logs)`` (idempotent). Our optimizers report their adaptive state this way, e.g. K-FAC's and
+    Hessian-free's damping."""
     cls = trainer_module.Trainer
     if getattr(cls.log, "_hf_colossal", False):
         return
     original = cls.log
 
     def log(self: Any, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        for callback in self.callback_handler.callbacks:
-            contribute = getattr(callback, "contribute_logs", None)
+        contributors = [*self.callback_handler.callbacks, innermost_optimizer(getattr(self, "optimizer", None))]
+        for contributor in contributors:
+            contribute = getattr(contributor, "contribute_logs", None)
             if contribute is not None:
                 logs.update(contribute(logs))
         original(self, logs, *args, **kwargs)
@@ -222,17 +225,22 @@ def register_log_contributions(trainer_module: ModuleType) -> None:
 # optim="hessian_free": a Trainer whose training step hands the optimizer the batch
 
 
+def innermost_optimizer(optimizer: Any) -> Any:
+    """The optimizer inside Trainer's (accelerate wraps it, other wrappers may too; at most 4 levels), or None."""
+    for _ in range(4):
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None:
+            return optimizer
+        optimizer = inner
+    return optimizer
+
+
 def hessian_free_optimizer(optimizer: Any) -> Any:
     """The :class:`~hf_colossal.optim.HessianFree` inside Trainer's optimizer (accelerate wraps it), or None."""
     from ..optim.hessian_free import HessianFree
 
-    for _ in range(4):
-        if isinstance(optimizer, HessianFree):
-            return optimizer
-        optimizer = getattr(optimizer, "optimizer", None)
-        if optimizer is None:
-            return None
-    return None
+    inner = innermost_optimizer(optimizer)
+    return inner if isinstance(inner, HessianFree) else None
 
 
 _PROBLEM_TYPES = {"single_label_classification": "cross_entropy", "regression": "mse",
@@ -307,8 +315,8 @@ class HessianFreeTrainerMixin:
     process (DDP: the CG products would need an all-reduce per iteration; not implemented), label smoothing,
     ``compute_loss_func``; and, checked on the first step, a model whose own loss differs from the declared loss of
     its ``logits`` (a custom loss). ``max_grad_norm`` clips only the logged ``.grad``; mixed-precision autocast is
-    not applied to the optimizer's evaluations (they run in the parameters' dtype). Logs ``hf_damping``,
-    ``hf_cg_iters``, ``hf_rho`` and ``hf_alpha`` with the loss.
+    not applied to the optimizer's evaluations (they run in the parameters' dtype). The logs get ``hf_damping``,
+    ``hf_cg_iters``, ``hf_rho`` and ``hf_alpha`` with the loss (:meth:`HessianFree.contribute_logs`).
     """
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
@@ -372,16 +380,6 @@ class HessianFreeTrainerMixin:
             self._check_hessian_free_loss(model, inputs, batch)
             self._hessian_free_loss_checked = True
         return optimizer.prepare(batch).detach()
-
-    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        optimizer = hessian_free_optimizer(getattr(self, "optimizer", None))
-        if optimizer is not None and "loss" in logs and optimizer.last_step:
-            last = optimizer.last_step
-            extra = {"hf_damping": optimizer.damping, "hf_cg_iters": last.get("cg_iters", 0),
-                     "hf_rho": last.get("rho"), "hf_alpha": last.get("alpha")}
-            logs.update({k: float(v) for k, v in extra.items() if isinstance(v, (int, float)) and abs(v) != float("inf")
-                         and v == v})
-        super().log(logs, *args, **kwargs)  # type: ignore[misc]
 
 
 def __getattr__(name: str) -> Any:

@@ -872,6 +872,16 @@ class HessianFree(Optimizer):
         stats["accepted"] = True
         return stats
 
+    def contribute_logs(self, logs: dict[str, float]) -> dict[str, float]:
+        """With a training loss in ``logs``: the damping and the last step's CG iterations, reduction ratio and
+        line-search step (``hf_*``; infinite or missing values left out). Trainer's ``log`` merges them."""
+        if "loss" not in logs or not self.last_step:
+            return {}
+        last = self.last_step
+        extra = {"hf_damping": self.damping, "hf_cg_iters": last.get("cg_iters", 0), "hf_rho": last.get("rho"),
+                 "hf_alpha": last.get("alpha")}
+        return {k: float(v) for k, v in extra.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
     # -- costs -------------------------------------------------------------------------------------------------
 
     def backward_equivalents(self) -> float:

@@ -913,6 +913,16 @@ class Kfac(Optimizer):
         self.damping = levenberg_marquardt(self.damping, rho, increase=1.0 / omega, decrease=omega,
                                            min_damping=self.settings["min_damping"])
 
+    def contribute_logs(self, logs: dict[str, float]) -> dict[str, float]:
+        """With ``damping_adaptation`` and a training loss in ``logs``: the damping (``kfac_damping``) and the last
+        reduction ratio (``kfac_rho``, when finite). Trainer's ``log`` merges them."""
+        if self.settings["damping_adaptation"] == "none" or "loss" not in logs:
+            return {}
+        extra = {"kfac_damping": self.damping}
+        if self.reduction_ratio is not None and math.isfinite(self.reduction_ratio):
+            extra["kfac_rho"] = self.reduction_ratio
+        return extra
+
     def _damping_terms(self, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
         r""":math:`(\gamma_A, \gamma_G)` of a layer at the current damping (:func:`factored_damping`)."""
         return factored_damping(state["kfac_a"], state["kfac_g"], self.damping, self.settings["pi_damping"],

@@ -64,3 +64,5 @@ def test_trainer_adapts_the_damping_from_replayed_batches(tmp_path, tokenized, m
     assert opt.reduction_ratio is not None and math.isfinite(opt.reduction_ratio)
     assert opt.damping != 1e-3
     assert trainer.optimizer.state_dict()["kfac"]["damping"] == opt.damping
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged[-1]["kfac_damping"] == opt.damping and logged[-1]["kfac_rho"] == opt.reduction_ratio

@@ -21,7 +21,10 @@ the minimal bytes of each update, not what an implementation moves (the fused LA
 nonfinite=apply; the fused LARS 28 B/param), so the fraction compares implementations on the same yardstick.
 
 "lamb" and "lars" take the fused Triton path on CUDA (fused=None); "lamb_foreach" and "lars_foreach" are the same
-optimizers forced onto the torch._foreach_* path (fused=False).
+optimizers forced onto the torch._foreach_* path (fused=False); "lamb_master" / "lars_master" keep fp32 master
+weights (master_weights=True; a copy only for bf16/fp16 parameters). The suffix "_bf16params" holds the model's
+parameters in bf16 (e.g. "adamw_fused_bf16params", "lamb_master_bf16params"); such a row's ratios are to the
+baseline with the same suffix, and it gets no bandwidth fraction (the 28/16-byte yardstick is for fp32 parameters).
 
 Shampoo / SOAP (names ending in _f10 / _f100: preconditioners recomputed every 10 / 100 steps, blocks of 1024):
 ours ("shampoo_*", "soap_*"; suffixes "_bf16" / "_fp32" = matmul_dtype=bfloat16 / float32 instead of the default
@@ -68,6 +71,16 @@ SUFFIX_OPTIONS = {"bf16": "matmul_dtype=bfloat16", "fp32": "matmul_dtype=float32
                   "graph": "graph_recompute=True"}
 
 
+BF16_PARAMS = "_bf16params"
+
+
+def split_param_dtype(name):
+    """(the optimizer's name, whether the model's parameters are bf16) for a name with or without "_bf16params"."""
+    if name.endswith(BF16_PARAMS):
+        return name[:-len(BF16_PARAMS)], True
+    return name, False
+
+
 def is_second_order(name):
     return name in SECOND_ORDER or name.startswith(("shampoo_f", "soap_f"))
 
@@ -97,6 +110,10 @@ def build(name, model):
         return hf_colossal.build_optimizer("lamb", model, lr=1e-4, weight_decay=0.01, options="nonfinite=apply")
     if name == "lars":
         return hf_colossal.build_optimizer("lars", model, lr=1e-3, weight_decay=1e-4)
+    if name == "lamb_master":
+        return hf_colossal.build_optimizer("lamb", model, lr=1e-4, weight_decay=0.01, options="master_weights=true")
+    if name == "lars_master":
+        return hf_colossal.build_optimizer("lars", model, lr=1e-3, weight_decay=1e-4, options="master_weights=true")
     if name.startswith(("shampoo_", "soap_")):
         options = f"precondition_frequency={recompute_frequency(name)}"
         for suffix in name.split("_")[2:]:
@@ -205,11 +222,12 @@ def one(name, kind, steps=60, warm=5, profile_dir=None):
         warm, steps = frequency + 5, max(steps, 2 * frequency)
 
     torch.manual_seed(0)
+    optimizer_name, bf16_params = split_param_dtype(name)
     model, vocab = make_model(kind)
-    model = model.cuda()
+    model = model.cuda().to(torch.bfloat16 if bf16_params else torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
     data = [torch.randint(0, vocab, (8, 512), device="cuda") for _ in range(4)]
-    opt = build(name, model)
+    opt = build(optimizer_name, model)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     opt_host_ms = []
@@ -317,15 +335,18 @@ def main():
     print("\n| optimizer | step ms median | step ms mean | step mean / AdamW's | opt ms mean | opt host ms mean |"
           " opt / baseline | achieved / copy bandwidth | peak GiB |")
     print("|---|---|---|---|---|---|---|---|---|")
-    adamw = rows.get("adamw_fused")
     for name, r in rows.items():
-        bytes_per_param = BYTES_PER_PARAM.get(name, 28)
-        baseline = rows.get("sgd_foreach" if bytes_per_param == 16 else "adamw_fused")
+        base, bf16_params = split_param_dtype(name)
+        suffix = BF16_PARAMS if bf16_params else ""
+        bytes_per_param = BYTES_PER_PARAM.get(base.replace("_master", ""), 28)
+        adamw = rows.get("adamw_fused" + suffix)
+        baseline = rows.get(("sgd_foreach" if bytes_per_param == 16 else "adamw_fused") + suffix)
         ratio = r["opt_ms_mean"] / baseline["opt_ms_mean"] if baseline else float("nan")
         step_ratio = r["step_ms_mean"] / adamw["step_ms_mean"] if adamw else float("nan")
         achieved = bytes_per_param * r["params_M"] * 1e6 / (r["opt_ms_mean"] / 1e3) / 1e12
+        fraction = "-" if bf16_params else f"{achieved / bandwidth:.2f}"
         print(f"| {name} | {r['step_ms_median']} | {r['step_ms_mean']} | {step_ratio:.2f} | {r['opt_ms_mean']} |"
-              f" {r['opt_host_ms_mean']} | {ratio:.2f} | {achieved / bandwidth:.2f} | {r['peak_GiB']} |")
+              f" {r['opt_host_ms_mean']} | {ratio:.2f} | {fraction} | {r['peak_GiB']} |")
     if ns.repeat > 1:
         print_paired_ratios(rounds)
 
@@ -337,8 +358,8 @@ def print_paired_ratios(rounds):
     print("|---|---|---|---|")
     for name in dict.fromkeys(name for round_rows in rounds for name in round_rows):
         steps = [r[name]["step_ms_mean"] for r in rounds if name in r]
-        ratios = [r[name]["step_ms_mean"] / r["adamw_fused"]["step_ms_mean"]
-                  for r in rounds if name in r and "adamw_fused" in r]
+        adamw = "adamw_fused" + (BF16_PARAMS if split_param_dtype(name)[1] else "")
+        ratios = [r[name]["step_ms_mean"] / r[adamw]["step_ms_mean"] for r in rounds if name in r and adamw in r]
         median = statistics.median(ratios) if ratios else float("nan")
         print(f"| {name} | {', '.join(f'{v:.1f}' for v in steps)} | {', '.join(f'{v:.3f}' for v in ratios)} |"
               f" {median:.3f} |")

@@ -2,6 +2,7 @@
 statistics hygiene, state, non-finite steps, DDP, refusals, and a seeded quality check on real data."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hf_colossal.config import OptionsError
 from hf_colossal.optim import Kfac
-from hf_colossal.optim.kfac import damped_kronecker_quadratic, find_kfac_layers, update_factor_
+from hf_colossal.optim.kfac import damped_kronecker_quadratic, find_kfac_layers, reduction_ratio, update_factor_
 from hf_colossal.registry import build_optimizer, get_optimizer_spec
 
 from .distributed import gloo_process_group
@@ -433,6 +434,16 @@ def test_damped_kronecker_quadratic_matches_the_dense_form():
     diagonal = a.diagonal().clone()
     dense = torch.kron(torch.diag(diagonal + gamma_a), g + gamma_g * torch.eye(4, dtype=torch.float64))
     torch.testing.assert_close(damped_kronecker_quadratic(delta, diagonal, g, gamma_a, gamma_g), vec @ dense @ vec)
+
+
+def test_reduction_ratio_cases():
+    t = torch.tensor
+    assert reduction_ratio(t(2.0), t(1.5), t(-1.0)) == 0.5
+    assert reduction_ratio(t(2.0), t(2.5), t(-1.0)) == -0.5
+    assert reduction_ratio(t(2.0), t(2.5), t(0.3)) == -math.inf  # the model saw no decrease and the loss rose
+    assert reduction_ratio(t(2.0), t(2.0), t(0.0)) is None  # a skipped step: nothing to learn
+    assert reduction_ratio(t(2.0), t(1.9), t(0.3)) is None
+    assert reduction_ratio(t(2.0), t(float("nan")), t(-1.0)) == -math.inf
 
 
 ADAPTIVE = "damping_adaptation=levenberg_marquardt,adaptation_interval=1,factor_interval=1,inverse_interval=1"

@@ -650,8 +650,9 @@ class Kfac(Optimizer):
             without gradients, under the autocast state of that forward, and without Trainer's
             ``num_items_in_batch`` (so the loss is the batch mean). The model's
             forward must return its loss: a scalar tensor, or an output with a ``loss`` (HF models given
-            labels). Cost: two forward passes every :math:`T_1` steps and one host sync; under DDP the two losses
-            are averaged over the ranks (one all-reduce).
+            labels). Cost: two forward passes every :math:`T_1` steps, one host sync, and for the step a temporary
+            fp32 copy of the parameters (to measure :math:`\delta`); under DDP the two losses are averaged over the
+            ranks (one all-reduce).
         adaptation_interval: :math:`T_1` above (>= 1).
         min_damping: the floor of the adapted :math:`\lambda` (> 0).
         linear_approximation, conv2d_approximation: ``"expand"`` or ``"reduce"`` for inputs with shared

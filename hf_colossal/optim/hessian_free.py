@@ -46,7 +46,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -366,6 +367,27 @@ def levenberg_marquardt(damping: float, rho: float, *, increase: float = 1.5, de
     return min(max(damping, min_damping), max_damping)
 
 
+@contextmanager
+def seeded_rng(seed: int, devices: Sequence[torch.device]) -> Iterator[None]:
+    """Inside the block the CPU's random generator and those of ``devices`` start from ``seed``; after it they
+    continue as if the block had not run (``torch.random.fork_rng``), so repeated evaluations draw the same dropout
+    masks without disturbing the training run's random stream.
+
+    On the CPU and CUDA the generators are seeded directly: ``torch.manual_seed`` also queues the seeding of every
+    other accelerator backend, which records a stack trace per call (1.6 ms on the CPU). Other backends (MPS, XPU,
+    ...) keep ``torch.manual_seed``."""
+    cuda = sorted({d.index if d.index is not None else torch.cuda.current_device() for d in devices
+                   if d.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        if all(d.type in ("cpu", "cuda") for d in devices):
+            torch.default_generator.manual_seed(seed)
+            for index in cuda:
+                torch.cuda.default_generators[index].manual_seed(seed)
+        else:
+            torch.manual_seed(seed)
+        yield
+
+
 def armijo_backtracking(objective: Callable[[float], float], f0: float, slope: float, *, f_at_one: float | None = None,
                         c: float = 1e-2, shrink: float = 0.8, max_trials: int = 20) -> tuple[float, float, int]:
     """Backtracking line search (Martens & Sutskever 2012 Sec. 8.8; Nocedal & Wright Alg. 3.1): the first
@@ -591,23 +613,12 @@ class HessianFree(Optimizer):
 
     def _forward_fn(self, batch: HessianFreeBatch, seed: int | None) -> Callable[[dict[str, Tensor]], Tensor]:
         model = self.model
-        devices = [p.device for p in self._params if p.device.type == "cuda"][:1]
-        # On the CPU and CUDA the generators the forward draws from are seeded directly: torch.manual_seed also
-        # queues the seeding of every other accelerator backend, which records a stack trace per call (1.6 ms on
-        # the CPU). Other backends (MPS, XPU, ...) keep torch.manual_seed.
-        direct = all(p.device.type in ("cpu", "cuda") for p in self._params)
+        devices = list({p.device for p in self._params})
 
         def forward(params: dict[str, Tensor]) -> Tensor:
             if seed is None:
                 return batch.select(torch.func.functional_call(model, params, batch.args, batch.kwargs))
-            with torch.random.fork_rng(devices=devices):
-                if direct:
-                    torch.default_generator.manual_seed(seed)
-                    for device in devices:
-                        index = device.index if device.index is not None else torch.cuda.current_device()
-                        torch.cuda.default_generators[index].manual_seed(seed)
-                else:
-                    torch.manual_seed(seed)
+            with seeded_rng(seed, devices):
                 return batch.select(torch.func.functional_call(model, params, batch.args, batch.kwargs))
 
         return forward

@@ -69,7 +69,7 @@ from ._foreach import (
     restore_state_precision,
     stack_on_one_device,
 )
-from .hessian_free import levenberg_marquardt
+from .hessian_free import levenberg_marquardt, seeded_rng
 
 __all__ = ["Kfac", "KfacLayer", "find_kfac_layers"]
 
@@ -852,12 +852,9 @@ class Kfac(Optimizer):
         buffers (batch-norm running statistics) are put back, so a replay leaves no trace."""
         args, kwargs, (device, autocast_enabled, autocast_dtype) = self._probe_inputs
         buffers = [(buffer, buffer.clone()) for buffer in self._model.buffers()]
-        devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-            if device.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad(), \
+            with seeded_rng(self.step_calls, [device]), torch.no_grad(), \
                     torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_enabled):
-                torch.manual_seed(self.step_calls)
                 output = self._model(*args, **kwargs)
         finally:
             for buffer, saved in buffers:

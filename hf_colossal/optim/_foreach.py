@@ -599,21 +599,19 @@ class LayerwiseOptimizer(Optimizer):
 
         fp16/bf16 parameters of a group with ``master_weights`` have one: created from the parameter when missing
         (first step, or a checkpoint saved without master weights), then updated by every step, which rounds it
-        into the parameter. Copies that a group without ``master_weights`` holds (from a checkpoint) are dropped.
-        Call after the other state of ``params`` exists.
+        into the parameter. (Copies a checkpoint brings to a group without ``master_weights`` are dropped by
+        :meth:`load_state_dict`.) Call after the other state of ``params`` exists.
         """
+        if not group["master_weights"]:
+            return [None] * len(params)
         masters: list[Tensor | None] = []
         for param in params:
             state = self.state[param]
-            if group["master_weights"] and param.dtype in _LOW_PRECISION_DTYPES:
-                if "master_param" not in state:
-                    state["master_param"] = param.detach().to(
-                        dtype=torch.float32, memory_format=torch.contiguous_format, copy=True
-                    )
-                masters.append(state["master_param"])
-            else:
-                state.pop("master_param", None)
-                masters.append(None)
+            if param.dtype in _LOW_PRECISION_DTYPES and "master_param" not in state:
+                state["master_param"] = param.detach().to(
+                    dtype=torch.float32, memory_format=torch.contiguous_format, copy=True
+                )
+            masters.append(state.get("master_param"))
         return masters
 
     @torch.no_grad()
@@ -660,7 +658,11 @@ class LayerwiseOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load like ``torch.optim.Optimizer``, keeping the state of fp16/bf16 parameters in fp32 and this
-        optimizer's ``fused``/``foreach`` choice."""
+        optimizer's ``fused``/``foreach``/``master_weights`` choice (master copies are dropped where it is off)."""
         load_state_dict_keeping_implementation(self, state_dict, super().load_state_dict)
         restore_state_precision(self, state_dict)
+        for group in self.param_groups:
+            if not group["master_weights"]:
+                for param in group["params"]:
+                    self.state.get(param, {}).pop("master_param", None)
 

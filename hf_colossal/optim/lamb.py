@@ -21,7 +21,6 @@ from ._foreach import (
     LayerwiseOptimizer,
     all_reduce_norms,
     check_common_hyperparameters,
-    fused_fast_step,
     foreach_norms,
     global_l2_norm,
     group_by_device_and_dtype,

@@ -18,7 +18,6 @@ from ._foreach import (
     LayerwiseOptimizer,
     all_reduce_norms,
     check_common_hyperparameters,
-    fused_fast_step,
     foreach_norms,
     group_by_device_and_dtype,
     is_real,

@@ -199,7 +199,6 @@ def test_master_weights_keep_updates_smaller_than_the_rounding(name):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_master_weights_start_from_a_checkpoint_without_them_and_leave_with_the_option(name):
-    cls, options = CASES[name][:2]
     model = _model(torch.bfloat16)
     inputs, targets = torch.randn(16, 4, dtype=torch.bfloat16), torch.randn(16, 2, dtype=torch.bfloat16)
     plain = _optimizer(name, model)

@@ -321,32 +321,36 @@ DDP_ADAPTIVE_OPTIONS = dict(DDP_OPTIONS, options=DDP_OPTIONS["options"] + ",damp
 
 def _ddp_worker(rank, world_size, port, result_path, adaptive):
     with gloo_process_group(rank, world_size, port):
-        model = _net(_NetWithLoss if adaptive else _Net)
-        opt = build_optimizer("kfac", model, **(DDP_ADAPTIVE_OPTIONS if adaptive else DDP_OPTIONS))
-        ddp = DistributedDataParallel(model)
-        for step in range(4):
-            ids, images, labels = _net_batch(step, n=16)
-            part = slice(rank * 8, (rank + 1) * 8)
-            if adaptive:
-                ddp(ids[part], images[part], labels[part]).backward()
-            else:
-                F.cross_entropy(ddp(ids[part], images[part]).reshape(-1, 3), labels[part].reshape(-1)).backward()
-            opt.step()
-            model.zero_grad()
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.tensor import distribute_module
+        _ddp_train_and_save(rank, world_size, result_path, adaptive)
 
-        sharded = distribute_module(nn.Linear(4, 4), init_device_mesh("cpu", (world_size,)))
-        try:
-            Kfac(sharded.parameters(), sharded)
-            refusal = None
-        except ValueError as err:
-            refusal = str(err)
-        dampings = [torch.zeros((), dtype=torch.float64) for _ in range(world_size)]
-        dist.all_gather(dampings, torch.tensor(opt.damping, dtype=torch.float64))
-        if rank == 0:
-            torch.save(([p.detach() for p in model.parameters()], opt.state_dict()["state"], refusal,
-                        [d.item() for d in dampings]), result_path)
+
+def _ddp_train_and_save(rank, world_size, result_path, adaptive):
+    model = _net(_NetWithLoss if adaptive else _Net)
+    opt = build_optimizer("kfac", model, **(DDP_ADAPTIVE_OPTIONS if adaptive else DDP_OPTIONS))
+    ddp = DistributedDataParallel(model)
+    for step in range(4):
+        ids, images, labels = _net_batch(step, n=16)
+        part = slice(rank * 8, (rank + 1) * 8)
+        if adaptive:
+            ddp(ids[part], images[part], labels[part]).backward()
+        else:
+            F.cross_entropy(ddp(ids[part], images[part]).reshape(-1, 3), labels[part].reshape(-1)).backward()
+        opt.step()
+        model.zero_grad()
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_module
+
+    sharded = distribute_module(nn.Linear(4, 4), init_device_mesh("cpu", (world_size,)))
+    try:
+        Kfac(sharded.parameters(), sharded)
+        refusal = None
+    except ValueError as err:
+        refusal = str(err)
+    dampings = [torch.zeros((), dtype=torch.float64) for _ in range(world_size)]
+    dist.all_gather(dampings, torch.tensor(opt.damping, dtype=torch.float64))
+    if rank == 0:
+        torch.save(([p.detach() for p in model.parameters()], opt.state_dict()["state"], refusal,
+                    [d.item() for d in dampings]), result_path)
 
 
 @pytest.mark.parametrize("adaptive", [False, True], ids=["fixed_damping", "adaptive_damping"])

@@ -220,6 +220,10 @@ class HessianFreeConfig(OptimizerConfig):
     preconditioner: Literal["martens", "none"] = _opt("martens", "diag(mean per-example grad^2)+lambda)^0.75 or none")
     preconditioner_exponent: float = _opt(0.75, "exponent xi of the preconditioner (Sec. 4.7)")
     per_example_chunk: int = _opt(256, "examples per vmap chunk of the preconditioner's per-example gradients")
+    jvp_mode: Literal["auto", "reverse_over_reverse", "forward"] = _opt(
+        "auto", "Jv of the Gauss-Newton products: reverse-over-reverse where the model's backward is differentiable "
+        "(checked at the first product), or forward mode"
+    )
     line_search: bool = _opt(True, "Armijo backtracking line search on the CG step")
     armijo_c: float = _opt(1e-2, "sufficient-decrease constant of the line search")
     line_search_shrink: float = _opt(0.8, "step shrink factor of the line search")

@@ -9,11 +9,13 @@ One step from parameters :math:`\theta` with gradient :math:`g` of the mini-batc
 1. Curvature: the Gauss-Newton matrix :math:`G = J^\top H_L J` (Sec. 4.2; Schraudolph 2002), :math:`J` the
    Jacobian of the model's outputs (logits / pre-activations) w.r.t. :math:`\theta`, :math:`H_L` the Hessian of
    the loss w.r.t. those outputs — diagonal-plus-rank-one for softmax cross-entropy, a multiple of the identity
-   for squared error, diagonal for sigmoid binary cross-entropy. :math:`Gv` is one forward pass with tangents
-   through the model (:math:`Jv`, forward-mode AD: Pearlmutter's R-operator), :math:`H_L` applied to it in closed
-   form, and one backward (:math:`J^\top u`) through a graph whose forward is taken once per step: never a double
-   backward through the whole graph. It is computed on a curvature mini-batch, a prefix of the gradient batch
-   (Sec. 4.3).
+   for squared error, diagonal for sigmoid binary cross-entropy. :math:`Gv` is :math:`Jv` (Pearlmutter's
+   R-operator), :math:`H_L` applied to it in closed form, and one backward (:math:`J^\top u`) through a graph whose
+   forward is taken once per step. :math:`Jv` is by default the backward of the linear map
+   :math:`u \mapsto J^\top u` (reverse-over-reverse, Townsend 2017), which reuses the stored activations and is
+   40% cheaper than forward mode on the digits autoencoder; where the model's backward is not differentiable it is
+   a forward pass with tangents (forward-mode AD). Neither differentiates the loss twice (no Hessian terms of the
+   model). It is computed on a curvature mini-batch, a prefix of the gradient batch (Sec. 4.3).
 2. Solve :math:`(G + \lambda I)\,p = -g` approximately by preconditioned conjugate gradient (Sec. 4.4, 4.7)
    started from :math:`\zeta\,p_{n-1}` (Sec. 4.5, :math:`\zeta = 0.95`), with the preconditioner
    :math:`M = \bigl[\mathrm{diag}\bigl(\tfrac1N\sum_i \nabla f_i \odot \nabla f_i\bigr) + \lambda I\bigr]^{\xi}`,
@@ -163,59 +165,133 @@ def model_jvp(forward: Callable[[dict[str, Tensor]], Tensor], params: dict[str, 
     return torch.zeros_like(outputs) if jv is None else jv
 
 
-def model_vjp(forward: Callable[[dict[str, Tensor]], Tensor],
-              params: dict[str, Tensor]) -> tuple[Tensor, Callable[[Tensor], tuple[dict[str, Tensor]]]]:
-    """``forward(params)`` and a function :math:`u \\mapsto (J^\\top u,)` (as ``torch.func.vjp`` returns), by
-    autograd on a graph that is kept for repeated backward passes. A parameter the outputs do not depend on gets
-    zeros."""
-    leaves = {name: value.detach().requires_grad_() for name, value in params.items()}
-    with torch.enable_grad():
-        outputs = forward(leaves)
+JVP_MODES = ("auto", "reverse_over_reverse", "forward")
 
-    def vjp(cotangent: Tensor) -> tuple[dict[str, Tensor]]:
-        grads: Any = [None] * len(leaves)
-        if outputs.requires_grad:
-            grads = torch.autograd.grad(outputs, list(leaves.values()), cotangent, retain_graph=True,
+
+class Linearization:
+    """A model's outputs at fixed parameters and products with their Jacobian :math:`J` (w.r.t. the parameters),
+    by autograd on one forward graph that is kept for repeated products.
+
+    :meth:`vjp`: :math:`J^\\top u`, a backward through the kept graph. :meth:`jvp`: :math:`J v`, either
+    reverse-over-reverse (Townsend 2017, "A new trick for calculating Jacobian vector products"): the backward
+    :math:`u \\mapsto J^\\top u` is linear in :math:`u`, so the backward of that backward with cotangent :math:`v`
+    is :math:`J v`; or forward mode (:func:`model_jvp`). Reverse-over-reverse records its graph once (a backward
+    with ``create_graph``, at the first product) and each product is then a pass of the C++ autograd engine over
+    the stored activations: on the digits autoencoder's curvature batch (CPU) 0.88 ms against 1.48 ms for forward
+    mode, which runs the model's Python forward again on dual tensors.
+
+    It needs every op's backward to be differentiable. Where one is not, autograd either raises at the second
+    backward or silently drops that path (a custom ``Function`` marked ``once_differentiable``), so ``"auto"``
+    (the default) checks reverse-over-reverse once, at the first product, with the adjoint identity
+    :math:`\\langle u, Jv\\rangle = \\langle J^\\top u, v\\rangle` on random :math:`u, v`, and uses forward mode if it
+    raises or fails the identity; :attr:`jvp_mode` then holds the mode chosen. A parameter the outputs do not
+    depend on gets zeros."""
+
+    def __init__(self, forward: Callable[[dict[str, Tensor]], Tensor], params: dict[str, Tensor], *,
+                 jvp_mode: str = "auto") -> None:
+        if jvp_mode not in JVP_MODES:
+            raise ValueError(f"HessianFree: jvp_mode {jvp_mode!r}; expected one of {JVP_MODES}")
+        self.forward, self.params = forward, params
+        self._leaves = {name: value.detach().requires_grad_() for name, value in params.items()}
+        with torch.enable_grad():
+            self.outputs = forward(self._leaves)
+        self.jvp_mode = jvp_mode
+        self._transpose: tuple[Tensor, list[tuple[str, Tensor]]] | None = None  # (u, [(name, J^T u)])
+
+    def vjp(self, cotangent: Tensor) -> dict[str, Tensor]:
+        grads: Any = [None] * len(self._leaves)
+        if self.outputs.requires_grad:
+            grads = torch.autograd.grad(self.outputs, list(self._leaves.values()), cotangent, retain_graph=True,
                                         allow_unused=True)
-        return ({name: torch.zeros_like(leaf) if grad is None else grad
-                 for (name, leaf), grad in zip(leaves.items(), grads)},)
+        return {name: torch.zeros_like(leaf) if grad is None else grad
+                for (name, leaf), grad in zip(self._leaves.items(), grads)}
 
-    return outputs, vjp
+    def jvp(self, tangent: dict[str, Tensor]) -> Tensor:
+        if self.jvp_mode == "auto":
+            self.jvp_mode = self._checked_mode()
+        if self.jvp_mode == "reverse_over_reverse":
+            return self._reverse_over_reverse_jvp(tangent)
+        return model_jvp(self.forward, self.params, tangent)
+
+    def _checked_mode(self) -> str:
+        """``"reverse_over_reverse"`` if it runs and passes the adjoint identity on random vectors (relative
+        tolerance 1e-3, 5e-2 for 16-bit outputs), else ``"forward"``."""
+        if not self.outputs.requires_grad:
+            return "reverse_over_reverse"  # every product is zero
+        generator = torch.Generator(self.outputs.device).manual_seed(0)
+
+        def probe(like: Tensor) -> Tensor:
+            return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+        u, v = probe(self.outputs), {name: probe(leaf) for name, leaf in self._leaves.items()}
+        try:
+            jv = self._reverse_over_reverse_jvp(v)
+        except (RuntimeError, NotImplementedError) as err:  # a backward without a derivative
+            reason = str(err).splitlines()[0]
+        else:
+            dtype = math_dtype(self.outputs.dtype)
+            jtu = self.vjp(u)
+            lhs = float(torch.dot(u.reshape(-1).to(dtype), jv.reshape(-1).to(dtype)))
+            rhs = float(sum(torch.dot(v[name].reshape(-1).to(dtype), jtu[name].reshape(-1).to(dtype)) for name in v))
+            tolerance = 5e-2 if self.outputs.element_size() < 4 else 1e-3
+            if abs(lhs - rhs) <= tolerance * (abs(lhs) + abs(rhs)):
+                return "reverse_over_reverse"
+            reason = f"<u, Jv> = {lhs:.6g} against <J^T u, v> = {rhs:.6g}"
+        logger.info("HessianFree: Jacobian-vector products by forward mode; the model's backward is not "
+                    "differentiable throughout (%s)", reason)
+        self._transpose = None
+        return "forward"
+
+    def _reverse_over_reverse_jvp(self, tangent: dict[str, Tensor]) -> Tensor:
+        if self._transpose is None:
+            u = torch.zeros_like(self.outputs, requires_grad=True)
+            pairs: list[tuple[str, Tensor]] = []
+            if self.outputs.requires_grad:
+                with torch.enable_grad():
+                    transposed = torch.autograd.grad(self.outputs, list(self._leaves.values()), u, retain_graph=True,
+                                                     create_graph=True, allow_unused=True)
+                pairs = [(name, g) for name, g in zip(self._leaves, transposed) if g is not None and g.requires_grad]
+            self._transpose = (u, pairs)
+        u, pairs = self._transpose
+        jv = None
+        if pairs:
+            (jv,) = torch.autograd.grad([g for _, g in pairs], u, [tangent[name].to(g.dtype) for name, g in pairs],
+                                        retain_graph=True, allow_unused=True)
+        return torch.zeros_like(self.outputs) if jv is None else jv
 
 
 def gauss_newton_vector_product(forward: Callable[[dict[str, Tensor]], Tensor], params: dict[str, Tensor],
                                 tangent: dict[str, Tensor], kind: str, targets: Tensor,
                                 ignore_index: int = -100) -> dict[str, Tensor]:
-    """:math:`G v = J^\\top H_L J v` once (Martens 2010 Sec. 4.2): :func:`model_jvp` and :func:`model_vjp`
-    through ``forward`` (parameters -> outputs). :class:`GaussNewtonOperator` reuses the vjp's forward across
-    products."""
+    """:math:`G v = J^\\top H_L J v` once (Martens 2010 Sec. 4.2), through ``forward`` (parameters -> outputs).
+    :class:`GaussNewtonOperator` reuses the linearisation across products."""
     return GaussNewtonOperator(forward, params, kind, targets, ignore_index)(tangent)
 
 
 class GaussNewtonOperator:
     """:math:`v \\mapsto J^\\top H_L J v` at fixed parameters and batch (Martens 2010 Sec. 4.2).
 
-    The forward of the ``vjp`` (and the outputs :math:`z` that :math:`H_L` depends on) is taken once; every
-    product is then one :func:`model_jvp` (the forward with tangents, Pearlmutter's R-operator) and one
-    backward.
-    ``forward`` maps a dict of parameters to the output tensor; ``counts`` records the passes."""
+    The forward (and the outputs :math:`z` that :math:`H_L` depends on) is taken once, in a
+    :class:`Linearization`; every product is then its :meth:`~Linearization.jvp` (Pearlmutter's R-operator),
+    :math:`H_L` in closed form, and its :meth:`~Linearization.vjp`. ``forward`` maps a dict of parameters to the
+    output tensor; ``linearization`` reuses one already taken (the gradient's, when the curvature batch is the
+    whole batch); ``products`` counts the products."""
 
     def __init__(self, forward: Callable[[dict[str, Tensor]], Tensor], params: dict[str, Tensor], kind: str,
-                 targets: Tensor, ignore_index: int = -100, *, vjp: tuple[Tensor, Callable] | None = None) -> None:
-        self.forward, self.params, self.kind = forward, params, kind
-        self.targets, self.ignore_index = targets, ignore_index
-        self.outputs, self._vjp = vjp if vjp is not None else model_vjp(forward, params)
-        self.outputs = self.outputs.detach()
+                 targets: Tensor, ignore_index: int = -100, *, linearization: Linearization | None = None,
+                 jvp_mode: str = "auto") -> None:
+        self.kind, self.targets, self.ignore_index = kind, targets, ignore_index
+        self.linearization = linearization or Linearization(forward, params, jvp_mode=jvp_mode)
+        self.outputs = self.linearization.outputs.detach()
         self.normalizer = batch_loss_normalizer(kind, self.outputs, targets, ignore_index)
         self.products = 0
 
     def __call__(self, tangent: dict[str, Tensor]) -> dict[str, Tensor]:
-        jv = model_jvp(self.forward, self.params, tangent)
+        jv = self.linearization.jvp(tangent)
         hjv = output_hessian_vector(self.kind, self.outputs, self.targets, jv.detach(), self.normalizer,
                                     self.ignore_index)
-        (gv,) = self._vjp(hjv.to(self.outputs.dtype))
         self.products += 1
-        return gv
+        return self.linearization.vjp(hjv.to(self.outputs.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -289,16 +365,15 @@ def preconditioned_cg(matvec: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor 
         """Queue iteration ``i`` from the current direction, without reading anything back."""
         nonlocal x, r, y, p, ry
         ap = matvec(p)
-        curvature = torch.dot(p, ap)
-        finite = (torch.isfinite(curvature) & torch.isfinite(ap).all()).to(curvature.dtype)
+        curvature = torch.dot(p, ap)  # non-finite wherever Ap is (0 * inf is NaN too)
         alpha = ry / curvature
-        x = x + alpha * p
-        r = r - alpha * ap
+        x = torch.addcmul(x, alpha, p)
+        r = torch.addcmul(r, alpha, ap, value=-1.0)
         y = r if inverse_preconditioner is None else inverse_preconditioner * r
         ry_new = torch.dot(r, y)
-        phi = -0.5 * torch.dot(x, b + r)
-        queued.append((i, x, torch.stack([ry, curvature, finite, phi])))
-        p = y + (ry_new / ry) * p
+        phi = -0.5 * (torch.dot(x, b) + torch.dot(x, r))
+        queued.append((i, x, torch.stack([ry, curvature, torch.isfinite(curvature).to(curvature.dtype), phi])))
+        p = torch.addcmul(y, ry_new / ry, p)
         ry = ry_new
 
     def read() -> str | None:
@@ -499,6 +574,9 @@ class HessianFree(Optimizer):
         curvature_batch_fraction: the curvature mini-batch as a fraction of the gradient batch (its first rows).
         preconditioner: ``"martens"`` (Sec. 4.7, per-example squared gradients by ``torch.func.vmap``, in chunks
             of ``per_example_chunk``) or ``"none"``; preconditioner_exponent :math:`\xi`.
+        jvp_mode: how the Gauss-Newton products take :math:`Jv` (:class:`Linearization`): ``"auto"`` (reverse-over-
+            reverse, checked once and replaced by forward mode where the model's backward is not differentiable),
+            ``"reverse_over_reverse"`` or ``"forward"``.
         line_search: Armijo backtracking (``armijo_c``, ``line_search_shrink``, ``line_search_max_trials``).
         nonfinite_damping_factor: a non-finite loss, gradient or direction rejects the step and multiplies
             :math:`\lambda` by this.
@@ -532,6 +610,7 @@ class HessianFree(Optimizer):
         preconditioner: str = "martens",
         preconditioner_exponent: float = 0.75,
         per_example_chunk: int = 256,
+        jvp_mode: str = "auto",
         line_search: bool = True,
         armijo_c: float = 1e-2,
         line_search_shrink: float = 0.8,
@@ -547,6 +626,7 @@ class HessianFree(Optimizer):
             "cg_decay": cg_decay, "backtrack_gamma": backtrack_gamma,
             "curvature_batch_fraction": curvature_batch_fraction, "preconditioner": preconditioner,
             "preconditioner_exponent": preconditioner_exponent, "per_example_chunk": per_example_chunk,
+            "jvp_mode": jvp_mode,
             "line_search": line_search, "armijo_c": armijo_c, "line_search_shrink": line_search_shrink,
             "line_search_max_trials": line_search_max_trials, "nonfinite_damping_factor": nonfinite_damping_factor,
             "loss": loss,
@@ -571,6 +651,7 @@ class HessianFree(Optimizer):
         self.passes = {"forward": 0.0, "backward": 0.0, "jvp": 0.0, "per_example": 0.0}
         self.last_step: dict[str, Any] = {}
         self._pending: dict[str, Any] | None = None
+        self._jvp_mode = jvp_mode  # "auto" is decided at the first step's first product, then kept
 
     # -- configuration -----------------------------------------------------------------------------------------
 
@@ -650,12 +731,13 @@ class HessianFree(Optimizer):
         forward = self._forward_fn(batch, seed)
         self._gradient_rows = batch.size
         with torch.enable_grad():
-            outputs, vjp_fn = model_vjp(forward, params)
+            linearization = Linearization(forward, params, jvp_mode=self._jvp_mode)
+            outputs = linearization.outputs
             normalizer = batch_loss_normalizer(batch.loss, outputs, batch.targets, batch.ignore_index)
             outputs_d = outputs.detach().requires_grad_(True)
             loss = per_example_losses(batch.loss, outputs_d, batch.targets, normalizer, batch.ignore_index).sum()
             (d_outputs,) = torch.autograd.grad(loss, outputs_d)
-        (grads,) = vjp_fn(d_outputs.to(outputs.dtype))
+        grads = linearization.vjp(d_outputs.to(outputs.dtype))
         self.passes["forward"] += 1.0
         self.passes["backward"] += 1.0
         for name, p in zip(self._names, self._params):
@@ -667,7 +749,7 @@ class HessianFree(Optimizer):
             squares = self._per_example_squared_gradients(head, seed, params, head_normalizer)
         self._pending = {
             "batch": batch, "seed": seed, "loss": loss.detach(), "grad": self._flat([grads[n] for n in self._names]),
-            "squares": squares, "vjp": (outputs, vjp_fn), "normalizer": normalizer,
+            "squares": squares, "linearization": linearization, "normalizer": normalizer,
             "versions": [p._version for p in self._params],
         }
         return loss.detach()
@@ -817,14 +899,16 @@ class HessianFree(Optimizer):
             return self._reject(stats, "non-finite loss or gradient")
         damping = self.damping
 
-        # curvature on a prefix of the batch (Sec. 4.3); the gradient's vjp is reused when it is the whole batch
+        # curvature on a prefix of the batch (Sec. 4.3); the gradient's linearisation is reused when it is the whole
+        # batch
         curvature_batch = batch.head(self._curvature_rows(batch))
         fraction = curvature_batch.size / batch.size
         params = {n: p.detach() for n, p in zip(self._names, self._params)}
         with torch.enable_grad():
             operator = GaussNewtonOperator(self._forward_fn(curvature_batch, seed), params, batch.loss,
                                            curvature_batch.targets, batch.ignore_index,
-                                           vjp=pending["vjp"] if curvature_batch is batch else None)
+                                           linearization=pending["linearization"] if curvature_batch is batch
+                                           else None, jvp_mode=self._jvp_mode)
         if curvature_batch is not batch:
             self.passes["forward"] += fraction
 
@@ -833,8 +917,8 @@ class HessianFree(Optimizer):
                 gv = operator(self._unflat(v))
             self.passes["jvp"] += fraction
             self.passes["backward"] += fraction
-            out = self._flat([gv[n] for n in self._names]) + damping * v
-            return out if wd is None else out + wd * v
+            out = torch.add(self._flat([gv[n] for n in self._names]), v, alpha=damping)
+            return out if wd is None else out.addcmul_(wd, v)
 
         inverse_preconditioner = None
         if pending["squares"] is not None:
@@ -844,7 +928,8 @@ class HessianFree(Optimizer):
             x0 = s["cg_decay"] * self._flat([self.state[p]["hf_warm_start"] for p in self._params])
         cg = preconditioned_cg(matvec, -grad, x0, inverse_preconditioner, max_iters=s["cg_max_iters"],
                                tolerance=s["cg_tolerance"], backtrack_gamma=s["backtrack_gamma"])
-        stats.update(cg_iters=cg.iterations, cg_stop=cg.stop, gn_products=operator.products)
+        self._jvp_mode = operator.linearization.jvp_mode
+        stats.update(cg_iters=cg.iterations, cg_stop=cg.stop, gn_products=operator.products, jvp=self._jvp_mode)
         if not bool(torch.isfinite(cg.x).all()) or not math.isfinite(cg.phi):
             return self._reject(stats, "non-finite CG direction")
 
@@ -951,6 +1036,7 @@ def _check_settings(settings: dict[str, Any], damping: float) -> None:
             f"expected one of {PRECONDITIONERS}")
     require(is_real(settings["preconditioner_exponent"]) and 0 <= settings["preconditioner_exponent"] <= 1, where,
             "preconditioner_exponent", settings["preconditioner_exponent"], "expected 0 <= exponent <= 1")
+    require(settings["jvp_mode"] in JVP_MODES, where, "jvp_mode", settings["jvp_mode"], f"expected one of {JVP_MODES}")
     require(isinstance(settings["line_search"], bool), where, "line_search", settings["line_search"], "expected a bool")
     require(is_real(settings["armijo_c"]) and 0 < settings["armijo_c"] < 1, where, "armijo_c", settings["armijo_c"],
             "expected 0 < c < 1")

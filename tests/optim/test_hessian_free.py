@@ -13,7 +13,9 @@ from hf_colossal.config import OptionsError
 from hf_colossal.nn.autoencoder import DeepAutoencoder
 from hf_colossal.optim import HessianFree, HessianFreeBatch
 from hf_colossal.optim.hessian_free import (
+    JVP_MODES,
     GaussNewtonOperator,
+    Linearization,
     armijo_backtracking,
     backtrack_iterates,
     batch_loss_normalizer,
@@ -44,8 +46,9 @@ def _targets(kind, n=5, c=3):
     return torch.rand(n, c, generator=g, dtype=torch.float64)
 
 
+@pytest.mark.parametrize("jvp_mode", JVP_MODES)
 @pytest.mark.parametrize("kind", ["cross_entropy", "mse", "sigmoid_bce"])
-def test_gauss_newton_product_equals_explicit_jt_h_j(kind):
+def test_gauss_newton_product_equals_explicit_jt_h_j(kind, jvp_mode):
     model = _tiny(3)
     x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     targets = _targets(kind)
@@ -75,13 +78,106 @@ def test_gauss_newton_product_equals_explicit_jt_h_j(kind):
     expected = jacobian.T @ hessian @ jacobian @ v
 
     operator = GaussNewtonOperator(lambda p: torch.func.functional_call(model, p, (x,)),
-                                   {n: t.detach() for n, t in model.named_parameters()}, kind, targets)
+                                   {n: t.detach() for n, t in model.named_parameters()}, kind, targets,
+                                   jvp_mode=jvp_mode)
     product = operator(unflat(v))
+    assert operator.linearization.jvp_mode == ("reverse_over_reverse" if jvp_mode == "auto" else jvp_mode)
     got = torch.cat([product[n].reshape(-1) for n in names])
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
     # the matching loss makes G positive semi-definite
     gn = jacobian.T @ hessian @ jacobian
     assert torch.linalg.eigvalsh(gn).min() > -1e-10
+
+
+class _TanhDerivative(torch.autograd.Function):
+    """grad * (1 - y^2), with no derivative of its own: a backward that raises under a second backward."""
+
+    @staticmethod
+    def forward(grad, y):
+        return grad * (1 - y * y)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("no second derivative")
+
+
+class _Tanh(torch.autograd.Function):
+    """tanh with a forward-mode rule and a backward that is either marked ``once_differentiable`` (a second
+    backward silently loses this path) or raises under a second backward."""
+
+    @staticmethod
+    def forward(x, once_differentiable):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+        ctx.once_differentiable = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        if ctx.once_differentiable:
+            return _once_differentiable_tanh_backward(ctx, grad), None
+        return _TanhDerivative.apply(grad, y), None
+
+    @staticmethod
+    def jvp(ctx, tangent, _):
+        (y,) = ctx.saved_tensors
+        return tangent * (1 - y * y)
+
+
+@torch.autograd.function.once_differentiable
+def _once_differentiable_tanh_backward(ctx, grad):
+    (y,) = ctx.saved_tensors
+    return grad * (1 - y * y)
+
+
+class _TanhModule(nn.Module):
+    def __init__(self, backward):
+        super().__init__()
+        self.backward_kind = backward
+
+    def forward(self, x):
+        if self.backward_kind == "differentiable":
+            return torch.tanh(x)
+        return _Tanh.apply(x, self.backward_kind == "once_differentiable")
+
+
+@pytest.mark.parametrize("backward", ["once_differentiable", "raises"])
+def test_jacobian_vector_products_fall_back_to_forward_mode_where_the_backward_has_no_derivative(backward):
+    """Reverse-over-reverse needs the backward's derivative. Where a layer lacks it (autograd raises, or silently
+    drops the path), the adjoint check at the first product picks forward mode: the same products and steps, and
+    the optimizer keeps forward mode for later steps."""
+    x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    targets = _targets("mse", n=6)
+    results = {}
+    for kind in ("differentiable", backward):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(3, 4), _TanhModule(kind), nn.Linear(4, 3)).double()
+        params = {n: t.detach() for n, t in model.named_parameters()}
+        tangent = {n: torch.ones_like(t) for n, t in params.items()}
+        linearization = Linearization(lambda p, model=model: torch.func.functional_call(model, p, (x,)), params)
+        jv = linearization.jvp(tangent)
+        expected_mode = "reverse_over_reverse" if kind == "differentiable" else "forward"
+        assert linearization.jvp_mode == expected_mode
+        opt = HessianFree(model.parameters(), model, damping=0.1, cg_max_iters=5)
+        for _ in range(2):
+            opt.step(HessianFreeBatch(targets=targets, loss="mse", args=(x,)))
+            assert opt.last_step["jvp"] == expected_mode
+        results[kind] = (jv, [p.detach() for p in model.parameters()])
+    torch.testing.assert_close(results[backward][0], results["differentiable"][0], rtol=1e-12, atol=1e-14)
+    for with_fallback, plain in zip(results[backward][1], results["differentiable"][1]):
+        torch.testing.assert_close(with_fallback, plain, rtol=1e-9, atol=1e-12)
+    if backward == "once_differentiable":  # what the check guards against: reverse-over-reverse loses the path
+        forced = Linearization(lambda p, model=model: torch.func.functional_call(model, p, (x,)), params,
+                               jvp_mode="reverse_over_reverse")
+        assert not torch.allclose(forced.jvp(tangent), jv)
 
 
 def _spd(n, condition, seed=0):

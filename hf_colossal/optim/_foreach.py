@@ -499,6 +499,8 @@ def foreach_norms(tensors: list[Tensor]) -> list[Tensor]:
 def stack_on_one_device(scalars: Sequence[Tensor]) -> Tensor:
     """Stack 0-d tensors (possibly on several devices) into a 1-D tensor on the device of the first."""
     device = scalars[0].device
+    if all(scalar.device == device for scalar in scalars):
+        return torch.stack(list(scalars))
     return torch.stack([scalar.to(device) for scalar in scalars])
 
 

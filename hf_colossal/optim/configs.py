@@ -103,7 +103,7 @@ class KfacConfig(OptimizerConfig):
         "adam_graft", "step after preconditioning: momentum grafted to Adam's norm, Adam, or SGD momentum"
     )
     momentum: float = _opt(0.9, "momentum of base_rule=sgd")
-    method: Literal["inverse", "eigen"] = _opt("inverse", "damped factor inverses (batched inv) or eigh")
+    method: Literal["inverse", "eigen"] = _opt("inverse", "damped factor inverses (batched Cholesky) or eigh")
     damping: float = _opt(1e-3, "Tikhonov damping lambda; each factor gets sqrt(lambda) (times pi or 1/pi)")
     damping_scale: Literal["absolute", "relative"] = _opt(
         "absolute", "damping as given, or relative to each layer's mean eigenvalue of A x G"

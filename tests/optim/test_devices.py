@@ -1,7 +1,7 @@
 """CPU and CUDA give the same LAMB / LARS result (within fp32 rounding), in fp32, bf16 and fp16; Shampoo and SOAP
 give the same result with their recomputations on a side CUDA stream as on the main stream, and replayed as CUDA
 graphs as run eagerly; Hessian-free steps (CG reading its scalars one iteration late on CUDA, reverse-over-reverse
-products and their adjoint check on the device) equal the CPU's.
+products and their adjoint check on the device) and K-FAC steps (batched Cholesky inverses) equal the CPU's.
 
 Skipped where there is no GPU; run on the device machine with `pytest tests/optim/test_devices.py`.
 """
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hf_colossal.nn.autoencoder import DeepAutoencoder
-from hf_colossal.optim import HessianFree, HessianFreeBatch, Lamb, Lars, Shampoo, Soap, _graphs, shampoo
+from hf_colossal.optim import HessianFree, HessianFreeBatch, Kfac, Lamb, Lars, Shampoo, Soap, _graphs, shampoo
 from hf_colossal.recipes.data import digits_arrays
 from hf_colossal.optim.shampoo import update_factors
 
@@ -72,6 +72,30 @@ def test_cuda_hessian_free_matches_cpu():
     # parameters by up to 0.84; the GPU sums in another order. A wrong product or CG quantity moves it far more.
     for a, b in zip(cpu_params, gpu_params):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+
+
+def kfac_run(device, steps=4):
+    """Seeded K-FAC steps (factors every step, inverses staggered over 2) on a small digits autoencoder, float64."""
+    x = torch.from_numpy(digits_arrays()["train"][0][:128]).double().to(device)
+    model = DeepAutoencoder((64, 32, 8, 32, 64), seed=0).double().to(device)
+    opt = Kfac(model.parameters(), model, lr=0.01, weight_decay=0.01, factor_interval=1, inverse_interval=2,
+               skip_layers=(), matmul_precision="highest")
+    for _ in range(steps):
+        model(x, labels=x)["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().cpu() for p in model.parameters()], opt
+
+
+@cuda
+def test_cuda_kfac_matches_cpu():
+    cpu_params, cpu_opt = kfac_run("cpu")
+    gpu_params, gpu_opt = kfac_run("cuda")
+    for a, b in zip(cpu_params, gpu_params):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
+    for layer_cpu, layer_gpu in zip(cpu_opt.layers, gpu_opt.layers):
+        torch.testing.assert_close(gpu_opt.state[layer_gpu.weight]["kfac_a_inv"].cpu(),
+                                   cpu_opt.state[layer_cpu.weight]["kfac_a_inv"], rtol=1e-9, atol=1e-11)
 
 
 @cuda

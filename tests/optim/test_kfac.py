@@ -14,7 +14,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hf_colossal.config import OptionsError
 from hf_colossal.optim import Kfac
-from hf_colossal.optim.kfac import damped_kronecker_quadratic, find_kfac_layers, reduction_ratio, update_factor_
+from hf_colossal.optim.kfac import (
+    damped_inverses,
+    damped_kronecker_quadratic,
+    find_kfac_layers,
+    reduction_ratio,
+    update_factor_,
+)
 from hf_colossal.registry import build_optimizer, get_optimizer_spec
 
 from .distributed import gloo_process_group
@@ -228,6 +234,44 @@ def test_state_dict_round_trip_resumes_exactly(method):
     for a, b in zip(model.parameters(), fresh.parameters()):
         assert torch.equal(a, b)
     assert_state_equal(opt.state_dict()["state"], fresh_opt.state_dict()["state"])
+
+
+def test_inverse_updates_reach_the_batched_preconditioning():
+    """Layers of one shape are preconditioned with stacks of their inverses; each inverse update must land in
+    those stacks (it writes into the layers' views of them), on the steps of ``inverse_interval`` only."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    opt = build_optimizer("kfac", model, lr=0.05, options="factor_interval=1,inverse_interval=3,skip_layers=")
+    generator = torch.Generator().manual_seed(1)
+    changed, previous = [], None
+    for step in range(7):
+        x = torch.randn(16, 6, generator=generator, dtype=torch.float64)
+        F.cross_entropy(model(x), torch.randint(0, 3, (16,), generator=generator)).backward()
+        opt.step()
+        model.zero_grad()
+        (layers, g_inverses, a_inverses), = opt._batched_layers()  # the two 6 x 6 layers
+        if previous is not None and not torch.equal(previous, g_inverses):
+            changed.append(step)
+        previous = g_inverses.clone()
+        for layer, g_inverse, a_inverse in zip(layers, g_inverses, a_inverses):
+            state = opt.state[layer.weight]
+            assert g_inverse.data_ptr() == state["kfac_g_inv"].data_ptr()
+            assert a_inverse.data_ptr() == state["kfac_a_inv"].data_ptr()
+    assert changed == [3, 6]
+    for layer, g_inverse in zip(layers, g_inverses):  # the stack holds the damped inverse of the step-6 factor
+        state = opt.state[layer.weight]
+        gamma_g = opt._damping_terms(state)[1]
+        torch.testing.assert_close(g_inverse @ (state["kfac_g"] + gamma_g * torch.eye(6, dtype=torch.float64)),
+                                   torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-9)
+
+
+def test_damped_inverses_equal_the_dense_inverse():
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(5, 40, 12, generator=generator, dtype=torch.float64)
+    factors = rows.transpose(1, 2) @ rows / 40
+    damping = torch.tensor([1e-3, 1e-2, 0.1, 1.0, 10.0], dtype=torch.float64)
+    expected = torch.linalg.inv(factors + damping[:, None, None] * torch.eye(12, dtype=torch.float64))
+    torch.testing.assert_close(damped_inverses(factors, damping), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_nonfinite_gradients_skip_the_step_and_statistics_never_enter_factors():

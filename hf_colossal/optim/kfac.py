@@ -59,6 +59,7 @@ from ._foreach import (
     NONFINITE_POLICIES,
     evaluate_closure,
     foreach_norms,
+    group_by_device_and_dtype,
     is_int,
     is_real,
     math_dtype,
@@ -278,20 +279,23 @@ def adam_direction(
     beta2: float, eps: float,
 ) -> list[Tensor]:
     """Advance Adam's moments and steps by ``grads`` and return the bias-corrected direction
-    :math:`\\hat m / (\\sqrt{\\hat v} + \\epsilon)` (Kingma & Ba 2015, Algorithm 1)."""
+    :math:`\\hat m / (\\sqrt{\\hat v} + \\epsilon)` (Kingma & Ba 2015, Algorithm 1).
+
+    Per (device, dtype) bucket, one pass of torch's fused AdamW kernel (``torch._fused_adamw_``, lr 1, no decay) run
+    on a zeroed buffer instead of the parameters leaves minus the direction in it, and updates the moments: each
+    tensor's own step count is read on the device inside the kernel. (Written with ``torch._foreach_*`` ops, the
+    bias corrections are per-tensor 0-d operands, which torch applies one kernel launch per tensor.)"""
     torch._foreach_add_(steps, 1.0)
-    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-    torch._foreach_lerp_(exp_avg_sqs, torch._foreach_mul(grads, grads), 1.0 - beta2)
-    bias1, bias2 = torch._foreach_pow(beta1, steps), torch._foreach_pow(beta2, steps)
-    for corrections in (bias1, bias2):  # 1 - beta^t
-        torch._foreach_neg_(corrections)
-        torch._foreach_add_(corrections, 1.0)
-    torch._foreach_sqrt_(bias2)
-    denominators = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denominators, bias2)
-    torch._foreach_add_(denominators, eps)
-    directions = list(torch._foreach_div(exp_avgs, denominators))
-    torch._foreach_div_(directions, bias1)
+    directions: list[Tensor] = [None] * len(grads)  # type: ignore[list-item]
+    for (bucket_grads, bucket_exp_avgs, bucket_exp_avg_sqs, bucket_steps), indices in group_by_device_and_dtype(
+            [grads, exp_avgs, exp_avg_sqs, steps]):
+        flat = bucket_grads[0].new_zeros(sum(g.numel() for g in bucket_grads))
+        views = [view.view_as(g) for view, g in zip(flat.split([g.numel() for g in bucket_grads]), bucket_grads)]
+        torch._fused_adamw_(views, bucket_grads, bucket_exp_avgs, bucket_exp_avg_sqs, [], bucket_steps, lr=1.0,
+                            beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
+        flat.neg_()
+        for index, view in zip(indices, views):
+            directions[index] = view
     return directions
 
 
@@ -1131,11 +1135,15 @@ class Kfac(Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load like ``torch.optim.Optimizer`` (state of fp16/bf16 parameters kept fp32), the K-FAC counts and the
-        damping (a checkpoint without one keeps the configured damping)."""
+        """Load like ``torch.optim.Optimizer`` (state of fp16/bf16 parameters kept fp32, step counts on the
+        parameters' devices), the K-FAC counts and the damping (a checkpoint without one keeps the configured
+        damping)."""
         counts = state_dict.get("kfac", {"step_calls": 0, "factor_updates": 0})
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "kfac"})
         restore_state_precision(self, state_dict)
+        for param, state in self.state.items():  # the fused Adam pass reads the step counts on the device
+            if "step" in state:
+                state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
         self._inverse_version += 1
         self.step_calls, self.factor_updates = int(counts["step_calls"]), int(counts["factor_updates"])
         self.damping = float(counts.get("damping", self.settings["damping"]))

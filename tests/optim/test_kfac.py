@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from hf_colossal.config import OptionsError
 from hf_colossal.optim import Kfac
 from hf_colossal.optim.kfac import (
+    adam_direction,
     damped_inverses,
     damped_kronecker_quadratic,
     find_kfac_layers,
@@ -263,6 +264,28 @@ def test_inverse_updates_reach_the_batched_preconditioning():
         gamma_g = opt._damping_terms(state)[1]
         torch.testing.assert_close(g_inverse @ (state["kfac_g"] + gamma_g * torch.eye(6, dtype=torch.float64)),
                                    torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-9)
+
+
+def test_adam_direction_is_algorithm_1_with_each_tensors_own_step_count():
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(5, 3), (7,), (2, 2, 2)]
+    exp_avgs = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    exp_avg_sqs = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    steps = [torch.tensor(float(start)) for start in (0, 4, 9)]  # e.g. a parameter without gradients for a while
+    moments = [(torch.zeros(s, dtype=torch.float64), torch.zeros(s, dtype=torch.float64)) for s in shapes]
+    beta1, beta2, eps = 0.9, 0.99, 1e-8
+    for step in range(1, 4):
+        grads = [torch.randn(s, generator=generator, dtype=torch.float64) for s in shapes]
+        directions = adam_direction(grads, exp_avgs, exp_avg_sqs, steps, beta1=beta1, beta2=beta2, eps=eps)
+        for index, (grad, start) in enumerate(zip(grads, (0, 4, 9))):
+            m, v = moments[index]
+            m, v = beta1 * m + (1 - beta1) * grad, beta2 * v + (1 - beta2) * grad**2
+            moments[index] = (m, v)
+            t = start + step
+            expected = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps)
+            torch.testing.assert_close(directions[index], expected, rtol=1e-12, atol=0)
+            torch.testing.assert_close(exp_avgs[index], m, rtol=1e-12, atol=0)
+    assert [float(s) for s in steps] == [3.0, 7.0, 12.0]
 
 
 def test_damped_inverses_equal_the_dense_inverse():

@@ -75,7 +75,7 @@ def test_cuda_hessian_free_matches_cpu():
 
 
 def kfac_run(device, steps=4):
-    """Seeded K-FAC steps (factors every step, inverses staggered over 2) on a small digits autoencoder, float64."""
+    """Seeded K-FAC steps (factors every step, inverses every 2) on a small digits autoencoder, float64."""
     x = torch.from_numpy(digits_arrays()["train"][0][:128]).double().to(device)
     model = DeepAutoencoder((64, 32, 8, 32, 64), seed=0).double().to(device)
     opt = Kfac(model.parameters(), model, lr=0.01, weight_decay=0.01, factor_interval=1, inverse_interval=2,

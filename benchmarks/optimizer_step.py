@@ -10,9 +10,13 @@ one's end, over the number of steps.
 
     python benchmarks/optimizer_step.py [--model llama271m|bert_base] [--repeat N] [name ...]
 
-On the H200 hosts one process's whole step can differ from the next process's by 10-15% for the same code, so
-effects of a few percent need ``--repeat``: the list runs N times, each round starting one name later, and a last
-table gives each round's ratio to that round's AdamW and their median.
+On the H200 hosts one process's whole step can differ from the next process's by 10-15% for the same code (AdamW
+39 to 74 ms within one session), so effects of a few percent need ``--repeat``: the list runs N times, each round
+starting one name later, and a last table gives each round's ratio to that round's AdamW and their median. Or
+``--paired ROUNDS``: each name runs in one process beside its baseline (two models), the two timed in alternating
+blocks of whole recompute periods, so the ratio never spans two processes.
+
+    python benchmarks/optimizer_step.py --paired 4 kfac_f10 shampoo_f10 lamb
 
 Prints one JSON line per optimizer, then a table with ratios to AdamW(fused) (LAMB) and SGD(foreach) (LARS)
 and the achieved bandwidth as a fraction of the measured copy bandwidth (28 bytes per fp32 parameter for an
@@ -214,29 +218,37 @@ def profile_steps(run_step, steps, path):
             sort_by="cuda_time_total", row_limit=40, max_name_column_width=40, max_shapes_column_width=90))
 
 
-def one(name, kind, steps=60, warm=5, profile_dir=None):
-    import torch
+def baseline_name(name):
+    """The torch optimizer ``name`` is compared with: SGD(foreach) for SGD-like steps (16 B/param), else
+    AdamW(fused); with the same "_bf16params" suffix."""
+    base, bf16_params = split_param_dtype(name)
+    bytes_per_param = BYTES_PER_PARAM.get(base.replace("_master", ""), 28)
+    return ("sgd_foreach" if bytes_per_param == 16 else "adamw_fused") + (BF16_PARAMS if bf16_params else "")
 
-    frequency = recompute_frequency(name)
-    if frequency:  # amortized steady state: past the first preconditioned step, whole recompute periods
-        warm, steps = frequency + 5, max(steps, 2 * frequency)
+
+def warm_steps(name):
+    """Steps before timing: 5, or for a recomputing optimizer past its first preconditioned step (frequency + 5)."""
+    return (recompute_frequency(name) or 0) + 5
+
+
+def prepare(name, kind):
+    """The ``kind`` model on CUDA (bf16 parameters for a "_bf16params" name), optimizer ``name``, 4 token batches,
+    and ``run_step(i)``: one whole step on batch ``i % 4``, returning the loss, CUDA events at its start, at the end of
+    the backward and at its end, and the host ms of ``step()`` + ``zero_grad()``. Also returns the parameter count."""
+    import torch
 
     torch.manual_seed(0)
     optimizer_name, bf16_params = split_param_dtype(name)
     model, vocab = make_model(kind)
     model = model.cuda().to(torch.bfloat16 if bf16_params else torch.float32)
-    n_params = sum(p.numel() for p in model.parameters())
     data = [torch.randint(0, vocab, (8, 512), device="cuda") for _ in range(4)]
     opt = build(optimizer_name, model)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    opt_host_ms = []
 
-    def run_step(x):
+    def run_step(i):
         start, mid, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
         start.record()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=x, labels=x).loss
+            loss = model(input_ids=data[i % 4], labels=data[i % 4]).loss
         loss.backward()
         mid.record()
         host_start = time.perf_counter()
@@ -246,12 +258,26 @@ def one(name, kind, steps=60, warm=5, profile_dir=None):
         end.record()
         return loss, start, mid, end, host_ms
 
+    return run_step, sum(p.numel() for p in model.parameters())
+
+
+def one(name, kind, steps=60, profile_dir=None):
+    import torch
+
+    frequency = recompute_frequency(name)
+    warm = warm_steps(name)
+    if frequency:  # amortized steady state: past the first preconditioned step, whole recompute periods
+        steps = max(steps, 2 * frequency)
+    run_step, n_params = prepare(name, kind)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    opt_host_ms = []
     for i in range(warm):
-        run_step(data[i % 4])
+        run_step(i)
     torch.cuda.synchronize()
     timed = []
     for i in range(warm, warm + steps):  # no device sync between steps, as in training: overlapped work overlaps
-        loss, start, mid, end, host_ms = run_step(data[i % 4])
+        loss, start, mid, end, host_ms = run_step(i)
         timed.append((start, mid, end))
         opt_host_ms.append(host_ms)
     torch.cuda.synchronize()
@@ -262,7 +288,7 @@ def one(name, kind, steps=60, warm=5, profile_dir=None):
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
     if profile_dir:
         batches = iter(range(warm + steps, 10**9))
-        profile_steps(lambda: run_step(data[next(batches) % 4]), min(frequency or 10, 20),
+        profile_steps(lambda: run_step(next(batches)), min(frequency or 10, 20),
                       os.path.join(profile_dir, f"{name}_profile.txt"))
     median = sorted(step_ms)[len(step_ms) // 2]
     return dict(name=name, model=kind, params_M=round(n_params / 1e6, 1), step_ms_median=round(median, 2),
@@ -272,6 +298,42 @@ def one(name, kind, steps=60, warm=5, profile_dir=None):
                 opt_host_ms_mean=round(sum(opt_host_ms) / len(opt_host_ms), 3),
                 fwd_bwd_ms_mean=round(sum(forward_backward_ms) / len(forward_backward_ms), 2),
                 peak_GiB=round(peak_gib, 2), final_loss=round(loss.item(), 3))
+
+
+def paired(name, kind, rounds):
+    """``name`` and its baseline (:func:`baseline_name`) in one process on one host, timed in alternating blocks of
+    whole recompute periods (10 steps for the others), after the warm-up steps of each: the spread between
+    processes (AdamW's whole step moved between 39 and 74 ms from one process to the next on the H200 hosts) then
+    does not enter the ratio. Returns each block's mean step ms and each round's ratio."""
+    import torch
+
+    baseline = baseline_name(name)
+    block = recompute_frequency(name) or 10
+    runners = {label: prepare(label, kind)[0] for label in (baseline, name)}
+    done = dict.fromkeys(runners, 0)
+    for label, run_step in runners.items():
+        for _ in range(warm_steps(name)):
+            run_step(done[label])
+            done[label] += 1
+
+    def timed_block(label):
+        torch.cuda.synchronize()
+        events = []
+        for _ in range(block):  # back to back, as in training
+            _, start, _, end, _ = runners[label](done[label])
+            done[label] += 1
+            events.append((start, end))
+        torch.cuda.synchronize()
+        return events[0][0].elapsed_time(events[-1][1]) / block
+
+    step_ms = {label: [] for label in runners}
+    for round_index in range(rounds):
+        for label in (baseline, name) if round_index % 2 == 0 else (name, baseline):
+            step_ms[label].append(round(timed_block(label), 2))
+    ratios = [round(a / b, 3) for a, b in zip(step_ms[name], step_ms[baseline])]
+    return dict(name=name, baseline=baseline, model=kind, block_steps=block, step_ms=step_ms[name],
+                baseline_step_ms=step_ms[baseline], ratios=ratios, median_ratio=statistics.median(ratios),
+                peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2))
 
 
 def copy_bandwidth_tb_s():
@@ -300,6 +362,9 @@ def main():
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the whole list this many times, each round starting one name later, and add a "
                              "table of each round's ratio to the same round's AdamW (paired, against host drift)")
+    parser.add_argument("--paired", type=int, metavar="ROUNDS",
+                        help="each name with its baseline in one process, alternating blocks ROUNDS times each "
+                             "(see paired()); prints each round's ratio and their median")
     parser.add_argument("names", nargs="*", default=NAMES)
     ns = parser.parse_args()
     if ns.one:
@@ -307,7 +372,8 @@ def main():
             from hf_colossal.optim import _triton
 
             _triton.BLOCK, _triton.ITERS, _triton.NUM_WARPS = (int(v) for v in ns.fused_config.split(","))
-        print("RESULT " + json.dumps(one(ns.one, ns.model, profile_dir=ns.profile)), flush=True)
+        result = paired(ns.one, ns.model, ns.paired) if ns.paired else one(ns.one, ns.model, profile_dir=ns.profile)
+        print("RESULT " + json.dumps(result), flush=True)
         return
     import torch
     import transformers
@@ -315,21 +381,19 @@ def main():
     bandwidth = copy_bandwidth_tb_s()
     print(f"device {torch.cuda.get_device_name()} torch {torch.__version__} transformers {transformers.__version__}"
           f" copy bandwidth {bandwidth:.2f} TB/s model {ns.model}", flush=True)
+    if ns.paired:
+        print_paired(ns)
+        return
     rows, rounds = {}, []
     for round_index in range(ns.repeat):
         shift = round_index % len(ns.names)
         rounds.append({})
         for name in ns.names[shift:] + ns.names[:shift]:
             started = time.time()
-            config = ["--fused-config", ns.fused_config] if ns.fused_config else []
-            config += ["--profile", ns.profile] if ns.profile else []
-            out = subprocess.run([sys.executable, __file__, "--model", ns.model, "--one", name, *config],
-                                 capture_output=True, text=True, timeout=600)
-            line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
-            if not line:
-                print(f"FAIL {name}: {out.stderr[-1500:]}", flush=True)
+            result = run_one(name, ns, ["--profile", ns.profile] if ns.profile else [])
+            if result is None:
                 continue
-            rows[name] = rounds[-1][name] = json.loads(line[0][7:])
+            rows[name] = rounds[-1][name] = result
             rows[name].update(wall_s=round(time.time() - started, 1), round=round_index)
             print(json.dumps(rows[name]), flush=True)
     print("\n| optimizer | step ms median | step ms mean | step mean / AdamW's | opt ms mean | opt host ms mean |"
@@ -337,10 +401,9 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         base, bf16_params = split_param_dtype(name)
-        suffix = BF16_PARAMS if bf16_params else ""
         bytes_per_param = BYTES_PER_PARAM.get(base.replace("_master", ""), 28)
-        adamw = rows.get("adamw_fused" + suffix)
-        baseline = rows.get(("sgd_foreach" if bytes_per_param == 16 else "adamw_fused") + suffix)
+        adamw = rows.get("adamw_fused" + (BF16_PARAMS if bf16_params else ""))
+        baseline = rows.get(baseline_name(name))
         ratio = r["opt_ms_mean"] / baseline["opt_ms_mean"] if baseline else float("nan")
         step_ratio = r["step_ms_mean"] / adamw["step_ms_mean"] if adamw else float("nan")
         achieved = bytes_per_param * r["params_M"] * 1e6 / (r["opt_ms_mean"] / 1e3) / 1e12
@@ -349,6 +412,35 @@ def main():
               f" {r['opt_host_ms_mean']} | {ratio:.2f} | {fraction} | {r['peak_GiB']} |")
     if ns.repeat > 1:
         print_paired_ratios(rounds)
+
+
+def run_one(name, ns, extra=()):
+    """Run ``--one name`` in a fresh process; its RESULT dict, or None after printing why it failed."""
+    config = ["--fused-config", ns.fused_config] if ns.fused_config else []
+    out = subprocess.run([sys.executable, __file__, "--model", ns.model, "--one", name, *config, *extra],
+                         capture_output=True, text=True, timeout=600)
+    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+    if not line:
+        print(f"FAIL {name}: {out.stderr[-1500:]}", flush=True)
+        return None
+    return json.loads(line[0][7:])
+
+
+def print_paired(ns):
+    """``--paired``: one process per name (its baseline beside it), then a table of the per-round ratios."""
+    results = []
+    for name in ns.names:
+        if name != baseline_name(name):
+            result = run_one(name, ns, ["--paired", str(ns.paired)])
+            if result:
+                print(json.dumps(result), flush=True)
+                results.append(result)
+    print("\n| optimizer | baseline | block steps | step ms per block | baseline step ms per block | ratio per round |"
+          " median ratio |\n|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['name']} | {r['baseline']} | {r['block_steps']} | {', '.join(map(str, r['step_ms']))} |"
+              f" {', '.join(map(str, r['baseline_step_ms']))} | {', '.join(map(str, r['ratios']))} |"
+              f" {r['median_ratio']:.3f} |")
 
 
 def print_paired_ratios(rounds):

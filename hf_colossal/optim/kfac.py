@@ -281,9 +281,9 @@ def adam_direction(
     """Advance Adam's moments and steps by ``grads`` and return the bias-corrected direction
     :math:`\\hat m / (\\sqrt{\\hat v} + \\epsilon)` (Kingma & Ba 2015, Algorithm 1).
 
-    Per (device, dtype) bucket, one pass of torch's fused AdamW kernel (``torch._fused_adamw_``, lr 1, no decay) run
-    on a zeroed buffer instead of the parameters leaves minus the direction in it, and updates the moments: each
-    tensor's own step count is read on the device inside the kernel. (Written with ``torch._foreach_*`` ops, the
+    Per (device, dtype) bucket, one pass of torch's fused AdamW kernel (``torch._fused_adamw_``, no decay) run on a
+    zeroed buffer instead of the parameters, with lr -1 so that its ``p -= lr * direction`` leaves the direction
+    there, and updates the moments: each tensor's own step count is read on the device inside the kernel. (Written with ``torch._foreach_*`` ops, the
     bias corrections are per-tensor 0-d operands, which torch applies one kernel launch per tensor.)"""
     torch._foreach_add_(steps, 1.0)
     directions: list[Tensor] = [None] * len(grads)  # type: ignore[list-item]
@@ -291,9 +291,8 @@ def adam_direction(
             [grads, exp_avgs, exp_avg_sqs, steps]):
         flat = bucket_grads[0].new_zeros(sum(g.numel() for g in bucket_grads))
         views = [view.view_as(g) for view, g in zip(flat.split([g.numel() for g in bucket_grads]), bucket_grads)]
-        torch._fused_adamw_(views, bucket_grads, bucket_exp_avgs, bucket_exp_avg_sqs, [], bucket_steps, lr=1.0,
+        torch._fused_adamw_(views, bucket_grads, bucket_exp_avgs, bucket_exp_avg_sqs, [], bucket_steps, lr=-1.0,
                             beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
-        flat.neg_()
         for index, view in zip(indices, views):
             directions[index] = view
     return directions

@@ -11,7 +11,8 @@
 # One call carries at most 64 MiB: carry [".whl", ".data"] (about 40 MB), or [".whl", ".gpu_models"] for the MiniLM
 # runs. Start the call's command with the lines this script prints at its end. Not covered: Meta's
 # distributed_shampoo and kfac-pytorch for the peer rows (get them with the `fetch` tool, then `git --git-dir=...
-# archive HEAD | tar -x -C .peers/NAME`, and set HF_COLOSSAL_PEERS).
+# archive HEAD | tar -x -C .peers/NAME`, carry .peers, and set HF_COLOSSAL_PEERS; kfac-pytorch reads its own package
+# metadata at import, so also write a dummy /tmp/site/kfac_pytorch-0.0.0.dist-info/METADATA there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python

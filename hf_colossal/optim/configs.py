@@ -118,10 +118,6 @@ class KfacConfig(OptimizerConfig):
     factor_interval: int = _opt(10, "steps between factor updates (statistics taken only before those)")
     inverse_interval: int = _opt(10, "steps between inverse / eigendecomposition updates")
     kl_clip: float | None = _opt(1e-3, "bound on lr^2 * <preconditioned grad, grad> (none = off)")
-    inverse_lag: int | None = _opt(
-        None, "steps before new inverses are used, computed meanwhile on a CUDA side stream behind forward/backward "
-        "(none = min(3, inverse_interval - 1); 0 = at once, split across DDP ranks)"
-    )
     linear_approximation: Literal["expand", "reduce"] = _opt(
         "expand", "Linear/Conv1D over a sequence: K-FAC-expand or K-FAC-reduce (Eschenhagen et al. 2023)"
     )

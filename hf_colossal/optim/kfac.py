@@ -84,8 +84,6 @@ EMBEDDING_MODES = ("diagonal", "skip")
 MATMUL_PRECISIONS = ("high", "highest")
 #: Elements per collective when factors or inverses travel between ranks (256 MiB of fp32).
 COMM_BUCKET_NUMEL = 64 * 2**20
-#: State-key prefix of inverses computed but not yet used (``inverse_lag``).
-PENDING = "kfac_pending_"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Functional math: factor statistics
@@ -583,12 +581,6 @@ def all_reduce_in_buckets(tensors: list[Tensor], *, average: bool) -> list[Tenso
     return results
 
 
-def default_inverse_lag(inverse_interval: int) -> int:
-    """``inverse_lag=None``: three steps (about the host time of the inverse work on one H200 with a 271M model,
-    where forward and backward leave the GPU idle between kernels), less when inverses are updated more often."""
-    return min(3, inverse_interval - 1)
-
-
 @contextmanager
 def matmul_precision(precision: str) -> Iterator[None]:
     """``"high"``: TF32 for K-FAC's own fp32 matmuls on CUDA (statistics, preconditioning); ``"highest"``: fp32.
@@ -672,13 +664,6 @@ class Kfac(Optimizer):
         skip_layers: regexes on module names left to the base rule (default ``lm_head``).
         max_factor_dim: layers with a full factor larger than this are left to the base rule: a
             vocabulary x vocabulary :math:`G` (an LM head: 32000^2 fp32 = 4 GB, and its inverse) is infeasible.
-        inverse_lag: steps between launching an inverse update (at a step of ``inverse_interval``) and
-            preconditioning with its result; ``None`` = ``min(3, inverse_interval - 1)``, 0 = the same step. With a
-            lag, on CUDA, the inverses are computed on a side stream while the main stream runs the next steps'
-            forward and backward passes (they fill the gaps where the host launches kernels more slowly than the
-            GPU runs them); the CPU applies the same lag, so results do not depend on the device. Under DDP a lag
-            makes every rank compute all inverses (no collective); lag 0 splits them across the ranks (KAISA).
-            Must be below ``inverse_interval``. Until its first inverses are in, a layer takes the base rule.
         matmul_precision: ``"high"`` lets K-FAC's own fp32 matmuls use TF32 on CUDA; ``"highest"`` does not.
         nonfinite: on an inf/NaN gradient: ``"skip"`` the step with no change to parameters or state (counted in
             ``nonfinite_skips``; the statistics taken for it are dropped), ``"error"``, or ``"apply"``. The check
@@ -690,16 +675,15 @@ class Kfac(Optimizer):
     ``module.training`` and gradients are enabled (evaluation never touches them), summed over
     gradient-accumulation micro-batches and normalised at the step; they are fp32 under autocast, and a
     non-finite statistic never enters a factor. Under ``torch.distributed`` (DDP) factors are averaged over the
-    ranks in bucketed collectives on factor-update steps and, with ``inverse_lag=0``, each rank inverts a share of
-    the factors, shared by one collective (KAISA).
+    ranks in bucketed collectives on factor-update steps and each rank inverts a share of the factors, shared by
+    one collective (KAISA).
 
     State: per parameter the base rule's tensors (``step``, ``exp_avg``, ``exp_avg_sq``, ``kfac_exp_avg``,
     ``momentum_buffer``); on each layer's weight ``kfac_a``, ``kfac_g`` and their inverses (``kfac_a_inv``,
-    ``kfac_g_inv``) or eigenvectors and scales (``kfac_*_eigenvectors``, ``kfac_*_scales``), and while a lagged
-    update is pending its results under ``kfac_pending_*``; in ``state_dict()["kfac"]`` the step and factor-update
-    counts, the step at which pending inverses take effect (``inverses_due``, None when none are pending), the
-    current damping :math:`\lambda` (attribute ``damping``) and the last reduction ratio (``reduction_ratio``,
-    None before the first adaptation). Schedules count ``step()`` calls.
+    ``kfac_g_inv``) or eigenvectors and scales (``kfac_*_eigenvectors``, ``kfac_*_scales``); in
+    ``state_dict()["kfac"]`` the step and factor-update counts, the current damping :math:`\lambda` (attribute
+    ``damping``) and the last reduction ratio (``reduction_ratio``, None before the first adaptation). Schedules
+    count ``step()`` calls.
     """
 
     def __init__(
@@ -724,7 +708,6 @@ class Kfac(Optimizer):
         factor_interval: int = 10,
         inverse_interval: int = 10,
         kl_clip: float | None = 1e-3,
-        inverse_lag: int | None = None,
         linear_approximation: str = "expand",
         conv2d_approximation: str = "expand",
         embedding: str = "diagonal",
@@ -740,14 +723,11 @@ class Kfac(Optimizer):
             "damping_adaptation": damping_adaptation, "adaptation_interval": adaptation_interval,
             "min_damping": min_damping, "pi_damping": pi_damping,
             "factor_decay": factor_decay, "factor_interval": factor_interval, "inverse_interval": inverse_interval,
-            "inverse_lag": inverse_lag,
             "kl_clip": kl_clip, "linear_approximation": linear_approximation,
             "conv2d_approximation": conv2d_approximation, "embedding": embedding, "skip_layers": tuple(skip_layers),
             "max_factor_dim": max_factor_dim, "matmul_precision": matmul_precision,
         }
         _check_settings(self.settings)
-        if inverse_lag is None:
-            self.settings["inverse_lag"] = default_inverse_lag(inverse_interval)
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "momentum": momentum,
                     "nonfinite": nonfinite, "nonfinite_skips": 0}
         super().__init__(params, defaults)
@@ -764,9 +744,6 @@ class Kfac(Optimizer):
         self._inverse_version = 0
         self._batches: tuple[int, list[tuple[list[KfacLayer], Tensor, Tensor]]] | None = None
         self.factor_updates = 0
-        #: The step at which the pending inverses (``kfac_pending_*`` state) take effect; None when none are pending.
-        self.inverses_due: int | None = None
-        self._side_streams: dict[torch.device, Any] = {}
         #: The damping :math:`\lambda` the next inverse update uses (adapted with ``damping_adaptation``).
         self.damping = float(damping)
         #: :math:`\rho` of the last damping adaptation (None before the first one).
@@ -854,9 +831,7 @@ class Kfac(Optimizer):
             if self.step_calls % self.settings["factor_interval"] == 0:
                 self._update_factors()
             if self.step_calls % self.settings["inverse_interval"] == 0:
-                self._launch_inverses()
-            if self.inverses_due is not None and self.step_calls >= self.inverses_due:
-                self._accept_inverses()
+                self._update_inverses()
             directions = self._preconditioned_directions()
         probe = self._probe_before_update(params_and_grads) if self.adapting and self._probe_inputs else None
         for group, (params, group_grads) in zip(self.param_groups, params_and_grads):
@@ -980,18 +955,10 @@ class Kfac(Optimizer):
             update_factor_(state["kfac_g"], g_new, decay, ok)
         self.factor_updates += 1
 
-    def _launch_inverses(self) -> None:
-        """Damped inverses (or eigendecompositions) of every factor, one batched call per matrix size, into the
-        ``kfac_pending_*`` state, due ``inverse_lag`` steps from now (an earlier pending update is taken in first).
-
-        With a lag on CUDA the batched calls run on a side stream, after the main stream's work so far (the factor
-        update), and the main stream waits for them only when it takes them in (:meth:`_accept_inverses`). With
-        lag 0 under DDP each rank computes a contiguous share of every size's stack and one collective shares the
-        results (KAISA); with a lag every rank computes them all, so the pending state is whole on every rank
-        (a checkpoint of rank 0 resumes every rank)."""
-        if self.inverses_due is not None:
-            self._accept_inverses()
-        lag = self.settings["inverse_lag"]
+    def _update_inverses(self) -> None:
+        """Damped inverses (or eigendecompositions) of every factor: one batched call per matrix size; under DDP
+        each rank computes a contiguous share of every size's stack and one collective shares the results. They are
+        written into the tensors they replace, so the stacks of :meth:`_batched_layers` stay valid."""
         jobs: dict[int, list[tuple[KfacLayer, str, Tensor, Tensor]]] = {}
         for layer in self.layers:
             state = self.state[layer.weight]
@@ -999,13 +966,11 @@ class Kfac(Optimizer):
                 continue
             gamma_a, gamma_g = self._damping_terms(state)
             if layer.diagonal_input_factor:
-                state[f"{PENDING}a_inv"] = 1.0 / (state["kfac_a"] + gamma_a)
+                self._store_inverse(state, "kfac_a_inv", 1.0 / (state["kfac_a"] + gamma_a))
             else:
                 jobs.setdefault(state["kfac_a"].shape[0], []).append((layer, "a", state["kfac_a"], gamma_a))
             jobs.setdefault(state["kfac_g"].shape[0], []).append((layer, "g", state["kfac_g"], gamma_g))
-        if not jobs:  # no factors yet (every layer has a G factor once it has any)
-            return
-        world = data_parallel_world() if lag == 0 else 1
+        world = data_parallel_world()
         rank = dist.get_rank() if world > 1 else 0
         eigen = self.settings["method"] == "eigen"
         outputs: list[tuple[list, list[Tensor]]] = []
@@ -1013,25 +978,17 @@ class Kfac(Optimizer):
             bucket = jobs[size]
             factors = torch.stack([factor for *_, factor, _ in bucket])
             damping = torch.stack([gamma for *_, gamma in bucket])
-            stream = self._side_stream(factors.device) if lag else None
-            if stream is None:
-                share = torch.arange(len(bucket)).tensor_split(world)[rank]
-                start, stop = (int(share[0]), int(share[-1]) + 1) if len(share) else (0, 0)
-                results = [factors.new_zeros(factors.shape)] + ([factors.new_zeros(factors.shape[:2])] if eigen
-                                                                 else [])
+            share = torch.arange(len(bucket)).tensor_split(world)[rank]
+            start, stop = (int(share[0]), int(share[-1]) + 1) if len(share) else (0, 0)
+            if eigen:
+                results = [factors.new_zeros(factors.shape), factors.new_zeros(factors.shape[:2])]
                 if stop > start:
-                    computed = (damped_eigens if eigen else damped_inverses)(factors[start:stop], damping[start:stop])
-                    for result, part in zip(results, computed if eigen else [computed]):
-                        result[start:stop] = part
-            else:  # the factors' stack is read on the side stream, the results on the main stream
-                stream.wait_stream(torch.cuda.current_stream(factors.device))
-                factors.record_stream(stream)
-                damping.record_stream(stream)
-                with torch.cuda.stream(stream):
-                    computed = (damped_eigens if eigen else damped_inverses)(factors, damping)
-                results = list(computed) if eigen else [computed]
-                for result in results:
-                    result.record_stream(torch.cuda.current_stream(factors.device))
+                    results[0][start:stop], results[1][start:stop] = damped_eigens(factors[start:stop],
+                                                                                   damping[start:stop])
+            else:
+                results = [factors.new_zeros(factors.shape)]
+                if stop > start:
+                    results[0][start:stop] = damped_inverses(factors[start:stop], damping[start:stop])
             outputs.append((bucket, results))
         if world > 1 and outputs:
             shared = all_reduce_in_buckets([r for _, results in outputs for r in results], average=False)
@@ -1042,33 +999,10 @@ class Kfac(Optimizer):
             for index, (layer, which, _, _) in enumerate(bucket):
                 state = self.state[layer.weight]
                 if eigen:
-                    state[f"{PENDING}{which}_eigenvectors"] = results[0][index]
-                    state[f"{PENDING}{which}_scales"] = results[1][index]
+                    self._store_inverse(state, f"kfac_{which}_eigenvectors", results[0][index])
+                    self._store_inverse(state, f"kfac_{which}_scales", results[1][index])
                 else:
-                    state[f"{PENDING}{which}_inv"] = results[0][index]
-        self.inverses_due = self.step_calls + lag
-
-    def _accept_inverses(self) -> None:
-        """Take the pending inverses into the state the preconditioning reads (after the side streams' work)."""
-        self._join_side_streams()
-        for layer in self.layers:
-            state = self.state[layer.weight]
-            for key in [key for key in state if key.startswith(PENDING)]:
-                self._store_inverse(state, "kfac_" + key[len(PENDING):], state.pop(key))
-        self.inverses_due = None
-
-    def _side_stream(self, device: torch.device) -> Any:
-        """The CUDA stream lagged inverse updates of ``device`` run on (None off CUDA)."""
-        if device.type != "cuda":
-            return None
-        if device not in self._side_streams:
-            self._side_streams[device] = torch.cuda.Stream(device)
-        return self._side_streams[device]
-
-    def _join_side_streams(self) -> None:
-        """Make each device's current stream wait for the work queued on its side stream."""
-        for device, stream in self._side_streams.items():
-            torch.cuda.current_stream(device).wait_stream(stream)
+                    self._store_inverse(state, f"kfac_{which}_inv", results[0][index])
 
     def _store_inverse(self, state: dict[str, Any], key: str, value: Tensor) -> None:
         """``state[key] = value``, in place where a tensor of that shape is there (it may be a view into a stack of
@@ -1192,13 +1126,11 @@ class Kfac(Optimizer):
     # -- checkpoints ----------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict plus ``"kfac"``: the step and factor-update counts the schedules run on, when the
-        pending inverses are due, the damping and the last reduction ratio."""
+        """torch's state dict plus ``"kfac"``: the step and factor-update counts the schedules run on, the damping
+        and the last reduction ratio."""
         state_dict = super().state_dict()
-        self._join_side_streams()  # pending inverses are read (saved) on the main stream
         state_dict["kfac"] = {"step_calls": self.step_calls, "factor_updates": self.factor_updates,
-                              "inverses_due": self.inverses_due, "damping": self.damping,
-                              "reduction_ratio": self.reduction_ratio}
+                              "damping": self.damping, "reduction_ratio": self.reduction_ratio}
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -1206,7 +1138,6 @@ class Kfac(Optimizer):
         parameters' devices), the K-FAC counts and the damping (a checkpoint without one keeps the configured
         damping)."""
         counts = state_dict.get("kfac", {"step_calls": 0, "factor_updates": 0})
-        self._join_side_streams()  # no side-stream work may still write the state this replaces
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "kfac"})
         restore_state_precision(self, state_dict)
         for param, state in self.state.items():  # the fused Adam pass reads the step counts on the device
@@ -1214,7 +1145,6 @@ class Kfac(Optimizer):
                 state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
         self._inverse_version += 1
         self.step_calls, self.factor_updates = int(counts["step_calls"]), int(counts["factor_updates"])
-        self.inverses_due = counts.get("inverses_due")
         self.damping = float(counts.get("damping", self.settings["damping"]))
         self.reduction_ratio = counts.get("reduction_ratio")
         for layer in self.layers:
@@ -1251,9 +1181,6 @@ def _check_settings(settings: dict[str, Any]) -> None:
     for name in ("factor_interval", "inverse_interval", "adaptation_interval", "max_factor_dim"):
         value = settings[name]
         require(is_int(value) and value >= 1, where, name, value, "expected an int >= 1")
-    lag = settings["inverse_lag"]
-    require(lag is None or (is_int(lag) and 0 <= lag < settings["inverse_interval"]), where, "inverse_lag", lag,
-            f"expected None or an int with 0 <= inverse_lag < inverse_interval={settings['inverse_interval']}")
     kl_clip = settings["kl_clip"]
     require(kl_clip is None or (is_real(kl_clip) and kl_clip > 0), where, "kl_clip", kl_clip,
             "expected None or a real number > 0")

@@ -74,13 +74,12 @@ def test_cuda_hessian_free_matches_cpu():
         torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
 
 
-def kfac_run(device, inverse_lag, steps=5):
-    """Seeded K-FAC steps (factors every step, inverses every 2, used ``inverse_lag`` steps later: on CUDA a lag
-    computes them on a side stream) on a small digits autoencoder, float64."""
+def kfac_run(device, steps=4):
+    """Seeded K-FAC steps (factors every step, inverses every 2) on a small digits autoencoder, float64."""
     x = torch.from_numpy(digits_arrays()["train"][0][:128]).double().to(device)
     model = DeepAutoencoder((64, 32, 8, 32, 64), seed=0).double().to(device)
     opt = Kfac(model.parameters(), model, lr=0.01, weight_decay=0.01, factor_interval=1, inverse_interval=2,
-               inverse_lag=inverse_lag, skip_layers=(), matmul_precision="highest")
+               skip_layers=(), matmul_precision="highest")
     for _ in range(steps):
         model(x, labels=x)["loss"].backward()
         opt.step()
@@ -89,10 +88,9 @@ def kfac_run(device, inverse_lag, steps=5):
 
 
 @cuda
-@pytest.mark.parametrize("inverse_lag", [0, 1])
-def test_cuda_kfac_matches_cpu(inverse_lag):
-    cpu_params, cpu_opt = kfac_run("cpu", inverse_lag)
-    gpu_params, gpu_opt = kfac_run("cuda", inverse_lag)
+def test_cuda_kfac_matches_cpu():
+    cpu_params, cpu_opt = kfac_run("cpu")
+    gpu_params, gpu_opt = kfac_run("cuda")
     for a, b in zip(cpu_params, gpu_params):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
     for layer_cpu, layer_gpu in zip(cpu_opt.layers, gpu_opt.layers):

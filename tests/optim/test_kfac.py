@@ -218,54 +218,38 @@ def _train(model, opt, seeds):
 
 @pytest.mark.parametrize("method", ["inverse", "eigen"])
 def test_state_dict_round_trip_resumes_exactly(method):
-    """Saved while an update of the inverses is pending (default lag 2 at interval 3: launched at step 3, due at
-    step 5): the pending inverses travel in the state and take effect at the same step after the resume."""
     options = f"factor_interval=2,inverse_interval=3,method={method}"
     model = _net()
     opt = build_optimizer("kfac", model, lr=0.05, weight_decay=0.01, options=options)
-    _train(model, opt, range(4))
+    _train(model, opt, range(3))
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-    assert saved_opt["kfac"] == {"step_calls": 4, "factor_updates": 2, "inverses_due": 5, "damping": 1e-3,
-                                 "reduction_ratio": None}
+    assert saved_opt["kfac"] == {"step_calls": 3, "factor_updates": 2, "damping": 1e-3, "reduction_ratio": None}
     assert {"kfac_a", "kfac_g", "step", "exp_avg", "exp_avg_sq", "kfac_exp_avg"} <= set(saved_opt["state"][0])
-    pending = "kfac_pending_g_eigenvectors" if method == "eigen" else "kfac_pending_g_inv"
-    assert pending in saved_opt["state"][0]
-    _train(model, opt, range(4, 6))
-    assert pending not in opt.state_dict()["state"][0] and opt.inverses_due is None
-    _train(model, opt, range(6, 8))
+    _train(model, opt, range(3, 7))
 
     fresh = _net()
     fresh.load_state_dict(saved_model)
     fresh_opt = build_optimizer("kfac", fresh, lr=0.05, weight_decay=0.01, options=options)
     fresh_opt.load_state_dict(saved_opt)
-    _train(fresh, fresh_opt, range(4, 8))
+    _train(fresh, fresh_opt, range(3, 7))
     for a, b in zip(model.parameters(), fresh.parameters()):
         assert torch.equal(a, b)
     assert_state_equal(opt.state_dict()["state"], fresh_opt.state_dict()["state"])
 
 
-@pytest.mark.parametrize("lag", [0, 2])
-def test_inverse_updates_reach_the_batched_preconditioning(lag):
+def test_inverse_updates_reach_the_batched_preconditioning():
     """Layers of one shape are preconditioned with stacks of their inverses; each inverse update must land in
-    those stacks (it writes into the layers' views of them), ``inverse_lag`` steps after the steps of
-    ``inverse_interval``, and hold the inverses of the factors of the step that launched it."""
+    those stacks (it writes into the layers' views of them), on the steps of ``inverse_interval`` only."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    opt = build_optimizer("kfac", model, lr=0.05,
-                          options=f"factor_interval=1,inverse_interval=3,inverse_lag={lag},skip_layers=")
+    opt = build_optimizer("kfac", model, lr=0.05, options="factor_interval=1,inverse_interval=3,skip_layers=")
     generator = torch.Generator().manual_seed(1)
-    changed, previous, factors_at_launch = [], None, {}
-    for step in range(7 + lag):
+    changed, previous = [], None
+    for step in range(7):
         x = torch.randn(16, 6, generator=generator, dtype=torch.float64)
         F.cross_entropy(model(x), torch.randint(0, 3, (16,), generator=generator)).backward()
         opt.step()
         model.zero_grad()
-        if step % 3 == 0:
-            factors_at_launch = {id(layer): (opt.state[layer.weight]["kfac_g"].clone(), opt._damping_terms(
-                opt.state[layer.weight])[1]) for layer in opt.layers}
-        if step < lag:
-            assert opt._batched_layers() == [] and opt.inverses_due == lag  # the base rule until then
-            continue
         (layers, g_inverses, a_inverses), = opt._batched_layers()  # the two 6 x 6 layers
         if previous is not None and not torch.equal(previous, g_inverses):
             changed.append(step)
@@ -274,12 +258,11 @@ def test_inverse_updates_reach_the_batched_preconditioning(lag):
             state = opt.state[layer.weight]
             assert g_inverse.data_ptr() == state["kfac_g_inv"].data_ptr()
             assert a_inverse.data_ptr() == state["kfac_a_inv"].data_ptr()
-    assert changed == [3 + lag, 6 + lag]
-    for layer, g_inverse in zip(layers, g_inverses):  # the damped inverse of the step-6 factor
-        g_factor, gamma_g = factors_at_launch[id(layer)]
-        if lag:
-            assert not torch.equal(g_factor, opt.state[layer.weight]["kfac_g"])  # updated since the launch
-        torch.testing.assert_close(g_inverse @ (g_factor + gamma_g * torch.eye(6, dtype=torch.float64)),
+    assert changed == [3, 6]
+    for layer, g_inverse in zip(layers, g_inverses):  # the stack holds the damped inverse of the step-6 factor
+        state = opt.state[layer.weight]
+        gamma_g = opt._damping_terms(state)[1]
+        torch.testing.assert_close(g_inverse @ (state["kfac_g"] + gamma_g * torch.eye(6, dtype=torch.float64)),
                                    torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-9)
 
 
@@ -383,9 +366,6 @@ def test_options_and_construction_errors():
         Kfac(_net().parameters(), _net(), damping_scale="scaled")
     with pytest.raises(OptionsError, match="'damping_adaptation' must be 'none' \\| 'levenberg_marquardt'"):
         spec.parse_options("damping_adaptation=lm")
-    with pytest.raises(ValueError, match="inverse_lag.*0 <= inverse_lag < inverse_interval=10"):
-        Kfac(_net().parameters(), _net(), inverse_lag=10)
-    assert Kfac(_net().parameters(), _net(), inverse_interval=2).settings["inverse_lag"] == 1  # min(3, 2 - 1)
     with pytest.raises(ValueError, match="adaptation_interval"):
         Kfac(_net().parameters(), _net(), damping_adaptation="levenberg_marquardt", adaptation_interval=0)
     with pytest.raises(OptionsError, match="'lr' is set by --learning_rate"):
@@ -401,10 +381,9 @@ def test_options_and_construction_errors():
 # Data parallel: 2 gloo processes equal one process on the global batch
 
 DDP_OPTIONS = dict(lr=0.05, weight_decay=0.01, options="factor_interval=1,inverse_interval=2")
-# the damping adaptation replays each rank's half batch and averages the two losses: the global batch's loss;
-# inverse_lag=0 splits the inverses across the ranks (the default lag 1 here has every rank compute them all)
+# the damping adaptation replays each rank's half batch and averages the two losses: the global batch's loss
 DDP_ADAPTIVE_OPTIONS = dict(DDP_OPTIONS, options=DDP_OPTIONS["options"] + ",damping_adaptation=levenberg_marquardt,"
-                            "adaptation_interval=1,inverse_lag=0")
+                            "adaptation_interval=1")
 
 
 def _ddp_worker(rank, world_size, port, result_path, adaptive):

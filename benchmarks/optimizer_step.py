@@ -46,7 +46,8 @@ step: ``nonfinite="skip"`` reads a flag, so the host waits there for the backwar
 period (at most 20 steps; 10 for the others) under ``torch.profiler`` and writes ``DIR/<name>_profile.txt``: the ops by
 total GPU time and by host time.
 
-K-FAC ("kfac_f10": ours, factors and inverses every 10 steps, lm_head left to the base rule; "kfac_pytorch_f10":
+K-FAC ("kfac_f10": ours, factors and inverses every 10 steps, lm_head left to the base rule; "kfac_f10_apply": the
+same with ``nonfinite="apply"``, no flag read per step; "kfac_pytorch_f10":
 kfac-pytorch's KAISA preconditioner before torch SGD, the anchors' settings) takes its statistics in forward and
 backward hooks, so only "step ms mean" compares it. $HF_COLOSSAL_PEERS may list several folders (os.pathsep).
 """
@@ -61,7 +62,7 @@ import time
 
 SECOND_ORDER = ["shampoo_f10", "shampoo_f100", "soap_f10", "shampoo_f10_bf16", "soap_f10_bf16", "po_soap",
                 "meta_shampoo_f10", "meta_shampoo_f100", "meta_soap_f10"]
-SECOND_ORDER += ["kfac_f10", "kfac_pytorch_f10"]
+SECOND_ORDER += ["kfac_f10", "kfac_f10_apply", "kfac_pytorch_f10"]
 NAMES = ["adamw_fused", "sgd_foreach", "lamb", "lamb_apply", "lamb_foreach", "lars", "lars_foreach", "po_lamb",
          "po_lars", *SECOND_ORDER]
 BYTES_PER_PARAM = {"adamw_fused": 28, "lamb": 28, "lamb_apply": 28, "lamb_foreach": 28, "po_lamb": 28,
@@ -125,9 +126,10 @@ def build(name, model):
         return hf_colossal.build_optimizer(name.split("_")[0], model, lr=1e-4, weight_decay=0.01, options=options)
     if name.startswith("meta_"):
         return build_meta(name, params)
-    if name == "kfac_f10":
+    if name in ("kfac_f10", "kfac_f10_apply"):  # default nonfinite="skip" (one flag read per step), or "apply"
         return hf_colossal.build_optimizer("kfac", model, lr=1e-4, weight_decay=0.01,
-                                           options="factor_interval=10,inverse_interval=10")
+                                           options="factor_interval=10,inverse_interval=10"
+                                           + (",nonfinite=apply" if name.endswith("_apply") else ""))
     if name == "kfac_pytorch_f10":
         return build_kfac_pytorch(model, params)
     if name in ("lamb_foreach", "lars_foreach"):

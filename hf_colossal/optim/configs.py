@@ -117,7 +117,10 @@ class KfacConfig(OptimizerConfig):
     factor_decay: float = _opt(0.95, "moving-average decay of the factors")
     factor_interval: int = _opt(10, "steps between factor updates (statistics taken only before those)")
     inverse_interval: int = _opt(10, "steps between inverse / eigendecomposition updates")
-    kl_clip: float | None = _opt(1e-3, "bound on lr^2 * <preconditioned grad, grad> (none = off)")
+    kl_clip: float | None = _opt(
+        1e-3, "bound on lr^2 * <preconditioned grad, grad> (none = off); bounds the step with base_rule=sgd, "
+        "with adam_graft it weights the new direction against the momentum"
+    )
     linear_approximation: Literal["expand", "reduce"] = _opt(
         "expand", "Linear/Conv1D over a sequence: K-FAC-expand or K-FAC-reduce (Eschenhagen et al. 2023)"
     )

@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import weakref
 from collections.abc import Mapping
 from contextlib import ExitStack, contextmanager
 from functools import partial
@@ -549,6 +550,31 @@ def find_kfac_layers(
     return layers, fallback
 
 
+class OptimizerHook:
+    """A module hook that calls ``getattr(optimizer, method)(*bound, *hook_args)`` while the optimizer lives.
+
+    It holds the optimizer weakly, and a deep copy or an unpickled copy of the model gets an inert hook: a copy
+    (an EMA or best-model copy, ``torch.save(model)``) runs its forward without feeding the optimizer of the
+    original, and without keeping that optimizer alive."""
+
+    def __init__(self, optimizer: Optimizer | None, method: str, *bound: Any) -> None:
+        self._optimizer = None if optimizer is None else weakref.ref(optimizer)
+        self._method = method
+        self._bound = bound
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        optimizer = None if self._optimizer is None else self._optimizer()
+        if optimizer is None:
+            return None
+        return getattr(optimizer, self._method)(*self._bound, *args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> OptimizerHook:
+        return OptimizerHook(None, self._method)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return OptimizerHook, (None, self._method)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Distributed helpers
 
@@ -627,10 +653,13 @@ class Kfac(Optimizer):
           && \text{KL clipping (Ba et al. 2017), if kl\_clip}
         \end{aligned}
 
-    then ``base_rule`` over every parameter (the preconditioned direction for those of K-FAC layers, the gradient
-    for the rest): ``"adam_graft"`` — momentum :math:`m \leftarrow \beta_1 m + (1-\beta_1)\tilde g` rescaled per
-    tensor to the norm of Adam's step on the raw gradient (AdamW on the rest); ``"adam"`` — AdamW on
-    :math:`\tilde g`; ``"sgd"`` — heavy-ball momentum with L2 weight decay (KAISA's SGD).
+    (:math:`u`: the layer's own count of factor updates, this one included), then ``base_rule`` over every
+    parameter (the preconditioned direction for those of K-FAC layers, the gradient for the rest):
+    ``"adam_graft"`` — momentum :math:`m \leftarrow \beta_1 m + (1-\beta_1)\tilde g` rescaled per tensor to the
+    norm of Adam's step on the raw gradient (AdamW on the rest); ``"adam"`` — AdamW on :math:`\tilde g`;
+    ``"sgd"`` — heavy-ball momentum with L2 weight decay (KAISA's SGD). KL clipping bounds the step itself only
+    with ``"sgd"``: with ``"adam_graft"`` each tensor's step takes Adam's norm, so :math:`\nu` only weights the
+    new direction against the momentum's history, and Adam's moments (``"adam"``) are nearly invariant to it.
 
     Args:
         params: parameters or param groups (``lr``, ``betas``, ``eps``, ``weight_decay``, ``momentum`` per group).
@@ -674,9 +703,11 @@ class Kfac(Optimizer):
     Statistics are taken in the forward/backward passes before a factor-update step, only while
     ``module.training`` and gradients are enabled (evaluation never touches them), summed over
     gradient-accumulation micro-batches and normalised at the step; they are fp32 under autocast, and a
-    non-finite statistic never enters a factor. Under ``torch.distributed`` (DDP) factors are averaged over the
-    ranks in bucketed collectives on factor-update steps and each rank inverts a share of the factors, shared by
-    one collective (KAISA).
+    non-finite statistic never enters a factor. The output-gradient statistics are taken in the backward pass, so
+    under fp16 with a ``GradScaler`` they would carry the loss scale squared: use bf16 or fp32 (Trainer's
+    ``--fp16`` is refused with ``optim="kfac"``). Under ``torch.distributed`` (DDP) factors are averaged over the
+    ranks that had statistics for them, in bucketed collectives on factor-update steps, and each rank inverts a
+    share of the factors, shared by one collective (KAISA).
 
     State: per parameter the base rule's tensors (``step``, ``exp_avg``, ``exp_avg_sq``, ``kfac_exp_avg``,
     ``momentum_buffer``); on each layer's weight ``kfac_a``, ``kfac_g`` and their inverses (``kfac_a_inv``,
@@ -718,6 +749,10 @@ class Kfac(Optimizer):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Kfac: model must be the nn.Module whose layers it preconditions, got {type(model)}")
+        if isinstance(skip_layers, str):  # one pattern, not its characters
+            skip_layers = (skip_layers,)
+        if not isinstance(skip_layers, (tuple, list)) or not all(isinstance(p, str) for p in skip_layers):
+            raise ValueError(f"Kfac: skip_layers must be a tuple of module-name regexes (str), got {skip_layers!r}")
         self.settings = {
             "base_rule": base_rule, "method": method, "damping": damping, "damping_scale": damping_scale,
             "damping_adaptation": damping_adaptation, "adaptation_interval": adaptation_interval,
@@ -744,6 +779,8 @@ class Kfac(Optimizer):
         self._inverse_version = 0
         self._batches: tuple[int, list[tuple[list[KfacLayer], Tensor, Tensor]]] | None = None
         self.factor_updates = 0
+        #: Set when a load dropped the other method's inverses: the next step computes this method's.
+        self._inverses_missing = False
         #: The damping :math:`\lambda` the next inverse update uses (adapted with ``damping_adaptation``).
         self.damping = float(damping)
         #: :math:`\rho` of the last damping adaptation (None before the first one).
@@ -752,10 +789,11 @@ class Kfac(Optimizer):
         #: The inputs of the last training forward before an adapting step: (args, kwargs, (device, autocast
         #: enabled, autocast dtype)).
         self._probe_inputs: tuple[tuple[Any, ...], dict[str, Any], tuple[Any, ...]] | None = None
-        self._hooks = [layer.module.register_forward_hook(partial(self._forward_hook, layer))
+        self._hooks = [layer.module.register_forward_hook(OptimizerHook(self, "_forward_hook", layer))
                        for layer in self.layers]
         if damping_adaptation != "none":
-            self._hooks.append(model.register_forward_pre_hook(self._keep_probe_inputs, with_kwargs=True))
+            self._hooks.append(model.register_forward_pre_hook(OptimizerHook(self, "_keep_probe_inputs"),
+                                                               with_kwargs=True))
         logger.info(
             "Kfac preconditions %d layers; the base rule (%s) updates the parameters of: %s", len(self.layers),
             base_rule, "; ".join(f"{name} ({reason})" for name, reason in fallback.items()) or "none",
@@ -788,7 +826,7 @@ class Kfac(Optimizer):
     # -- hooks ----------------------------------------------------------------------------------------------------
 
     def _forward_hook(self, layer: KfacLayer, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        if not (self.collecting and module.training and torch.is_grad_enabled()):
+        if not (module.training and torch.is_grad_enabled() and self.collecting):
             return
         with torch.no_grad(), torch.autocast(output.device.type, enabled=False), self._math_context(output.device):
             layer.accumulate_input(args[0].detach())
@@ -796,7 +834,7 @@ class Kfac(Optimizer):
             output.register_hook(partial(self._output_grad_hook, layer))
 
     def _keep_probe_inputs(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if not (self.adapting and module.training and torch.is_grad_enabled()):
+        if not (module.training and torch.is_grad_enabled() and self.adapting):
             return
         device = next(module.parameters()).device
         autocast = (device, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
@@ -830,8 +868,9 @@ class Kfac(Optimizer):
         with self._math_context(grads[0].device):
             if self.step_calls % self.settings["factor_interval"] == 0:
                 self._update_factors()
-            if self.step_calls % self.settings["inverse_interval"] == 0:
+            if self.step_calls % self.settings["inverse_interval"] == 0 or self._inverses_missing:
                 self._update_inverses()
+                self._inverses_missing = False
             directions = self._preconditioned_directions()
         probe = self._probe_before_update(params_and_grads) if self.adapting and self._probe_inputs else None
         for group, (params, group_grads) in zip(self.param_groups, params_and_grads):
@@ -932,27 +971,52 @@ class Kfac(Optimizer):
                                 relative=self.settings["damping_scale"] == "relative")
 
     def _update_factors(self) -> None:
-        """Fold the accumulated statistics into the factors' moving averages (all-reduced under DDP)."""
-        ready = [layer for layer in self.layers if layer.input_sum is not None and layer.output_grad_sum is not None]
-        if not ready:
+        r"""Fold the accumulated statistics into the factors' moving averages.
+
+        Each layer ramps its own decay, :math:`\min(\epsilon, 1 - 1/u)` with :math:`u` its own update count
+        (``kfac_factor_updates`` in its state), so a layer first used late (a conditional branch, an MoE expert)
+        starts from its own statistics, not from the identity. Under DDP every rank sends every layer (zeros where
+        it has no statistics this time) and the factors are averaged over the ranks that had some: the collectives
+        match whatever each rank's inputs reached."""
+        world = data_parallel_world()
+        has = [layer.input_sum is not None and layer.output_grad_sum is not None for layer in self.layers]
+        if world == 1 and not any(has):
             return
+        layers = self.layers if world > 1 else [layer for layer, had in zip(self.layers, has) if had]
         new = []
-        for layer in ready:
-            new.append(input_factor(layer.input_sum, layer.input_rows))
-            new.append(output_grad_factor(layer.output_grad_sum, layer.output_grad_examples))
-        if data_parallel_world() > 1:
-            new = all_reduce_in_buckets(new, average=True)
-        decay = min(self.settings["factor_decay"], 1.0 - 1.0 / (self.factor_updates + 1))
-        for index, layer in enumerate(ready):
+        for layer in layers:
+            if layer.input_sum is not None and layer.output_grad_sum is not None:
+                new.append(input_factor(layer.input_sum, layer.input_rows))
+                new.append(output_grad_factor(layer.output_grad_sum, layer.output_grad_examples))
+            else:  # DDP: this rank's inputs did not reach the layer
+                d_a, d_g = layer.factor_dims
+                device = layer.weight.device
+                new.append(torch.zeros(d_a if layer.diagonal_input_factor else (d_a, d_a), device=device))
+                new.append(torch.zeros(d_g, d_g, device=device))
+        if world > 1:
+            ranks_with = torch.tensor(has, dtype=torch.float32, device=layers[0].weight.device)
+            *new, ranks_with = all_reduce_in_buckets([*new, ranks_with], average=False)
+            counts = ranks_with.tolist()  # a host read on factor-update steps under DDP only
+            new = [factor / max(count, 1.0) for factor, count in zip(new, (c for c in counts for _ in range(2)))]
+        else:
+            counts = [1.0] * len(layers)
+        for index, layer in enumerate(layers):
+            if counts[index] == 0:
+                continue
             a_new, g_new = new[2 * index], new[2 * index + 1]
             ok = a_new.isfinite().all() & g_new.isfinite().all()
             state = self.state[layer.weight]
-            if "kfac_a" not in state:
+            first = "kfac_a" not in state
+            if first:  # the identity, kept if the first statistics are not finite
                 state["kfac_a"] = torch.ones_like(a_new) if a_new.dim() == 1 else torch.eye(
                     a_new.shape[0], dtype=a_new.dtype, device=a_new.device)
                 state["kfac_g"] = torch.eye(g_new.shape[0], dtype=g_new.dtype, device=g_new.device)
+            # checkpoints from before the per-layer count: the global count
+            updates = 0 if first else state.get("kfac_factor_updates", self.factor_updates)
+            decay = min(self.settings["factor_decay"], 1.0 - 1.0 / (updates + 1))
             update_factor_(state["kfac_a"], a_new, decay, ok)
             update_factor_(state["kfac_g"], g_new, decay, ok)
+            state["kfac_factor_updates"] = updates + 1
         self.factor_updates += 1
 
     def _update_inverses(self) -> None:
@@ -1135,17 +1199,28 @@ class Kfac(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load like ``torch.optim.Optimizer`` (state of fp16/bf16 parameters kept fp32, step counts on the
-        parameters' devices), the K-FAC counts and the damping (a checkpoint without one keeps the configured
-        damping)."""
+        parameters' devices) and the K-FAC counts. With ``damping_adaptation`` the checkpoint's adapted damping
+        is taken (without it, or with fixed damping, the configured one). Inverses of the other ``method`` (a
+        run resumed with the method changed) are dropped, and the next step computes this method's from the
+        loaded factors."""
         counts = state_dict.get("kfac", {"step_calls": 0, "factor_updates": 0})
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "kfac"})
         restore_state_precision(self, state_dict)
         for param, state in self.state.items():  # the fused Adam pass reads the step counts on the device
             if "step" in state:
                 state["step"] = state["step"].to(device=param.device, dtype=torch.float32)
+        eigen = self.settings["method"] == "eigen"
+        for layer in self.layers:
+            state = self.state[layer.weight]
+            stale = [f"kfac_{w}_inv" for w in ("a", "g") if not (w == "a" and layer.diagonal_input_factor)] \
+                if eigen else [f"kfac_{w}_{k}" for w in ("a", "g") for k in ("eigenvectors", "scales")]
+            for key in stale:
+                if state.pop(key, None) is not None:
+                    self._inverses_missing = True
         self._inverse_version += 1
         self.step_calls, self.factor_updates = int(counts["step_calls"]), int(counts["factor_updates"])
-        self.damping = float(counts.get("damping", self.settings["damping"]))
+        if self.settings["damping_adaptation"] != "none":
+            self.damping = float(counts.get("damping", self.settings["damping"]))
         self.reduction_ratio = counts.get("reduction_ratio")
         for layer in self.layers:
             layer.reset_statistics()

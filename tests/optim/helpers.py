@@ -25,12 +25,13 @@ def record_refresh_batches(optimizer):
 
 
 def assert_state_equal(left, right):
-    """Two ``state_dict()["state"]`` mappings hold bit-identical tensors under the same keys."""
+    """Two ``state_dict()["state"]`` mappings hold bit-identical tensors (and equal counts) under the same keys."""
     assert left.keys() == right.keys()
     for index in left:
         assert left[index].keys() == right[index].keys()
         for key in left[index]:
-            assert torch.equal(left[index][key], right[index][key]), (index, key)
+            a, b = left[index][key], right[index][key]
+            assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, (index, key)
 
 
 SHAPES = {"w1": (6, 5), "b1": (6,), "w2": (3, 6), "b2": (3,)}

@@ -266,6 +266,88 @@ def test_inverse_updates_reach_the_batched_preconditioning():
                                    torch.eye(6, dtype=torch.float64), rtol=0, atol=1e-9)
 
 
+def test_copies_of_the_model_run_without_feeding_or_holding_the_optimizer():
+    """A deep copy (EMA, best-model copies) or an unpickled copy of the model gets inert hooks: its forwards work in
+    training mode and never reach the original's statistics; the original keeps collecting."""
+    import io
+
+    model = _net()
+    opt = build_optimizer("kfac", model, lr=0.05, options="factor_interval=1,inverse_interval=1")
+    _train(model, opt, range(2))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for copy_ in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        copy_.train()
+        _loss(copy_, _net_batch(5)).backward()
+        assert all(layer.input_sum is None and layer.output_grad_sum is None for layer in opt.layers)
+    _loss(model, _net_batch(6)).backward()
+    assert all(layer.input_sum is not None and layer.output_grad_sum is not None for layer in opt.layers)
+
+
+class _Branchy(nn.Module):
+    """A trunk and a branch that only some batches reach (a conditional path, an MoE expert)."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk, self.branch = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.use_branch = False
+
+    def forward(self, x):
+        h = torch.tanh(self.trunk(x))
+        return self.branch(h) if self.use_branch else h
+
+
+def _input_factor(x):
+    rows = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+    return rows.T @ rows / len(x)
+
+
+def test_a_layer_first_used_late_starts_from_its_own_statistics():
+    """Each layer ramps its own factor decay: a branch first reached at the fourth factor update gets its batch
+    factor (decay 0), not 0.95 x identity + 0.05 x batch."""
+    torch.manual_seed(0)
+    model = _Branchy().double()
+    opt = build_optimizer("kfac", model, lr=0.01, options="factor_interval=1,inverse_interval=1,skip_layers=")
+    generator = torch.Generator().manual_seed(0)
+    for step in range(4):
+        model.use_branch = step == 3
+        x = torch.randn(16, 4, generator=generator, dtype=torch.float64)
+        if step == 3:
+            expected_a = _input_factor(torch.tanh(model.trunk(x)).detach())
+        model(x).pow(2).sum().backward()
+        opt.step()
+        model.zero_grad()
+    state = opt.state[model.branch.weight]
+    torch.testing.assert_close(state["kfac_a"], expected_a, rtol=1e-12, atol=1e-12)
+    assert state["kfac_factor_updates"] == 1 and opt.state[model.trunk.weight]["kfac_factor_updates"] == 4
+
+
+def test_resuming_with_the_other_method_recomputes_inverses_and_keeps_the_configured_damping():
+    model = _net()
+    opt = build_optimizer("kfac", model, lr=0.05, options="factor_interval=1,inverse_interval=3,damping=0.01")
+    _train(model, opt, range(2))
+    saved = copy.deepcopy(opt.state_dict())
+    eigen = build_optimizer("kfac", model, lr=0.05,
+                            options="factor_interval=1,inverse_interval=3,method=eigen,damping=0.1")
+    eigen.load_state_dict(saved)
+    assert eigen.damping == 0.1  # fixed damping: the configured value, not the checkpoint's 0.01
+    _train(model, eigen, range(2, 3))  # step 2: not an inverse step, yet the eigen inverses are computed
+    for layer in eigen.layers:
+        state = eigen.state[layer.weight]
+        assert "kfac_g_inv" not in state and "kfac_g_eigenvectors" in state
+        assert ("kfac_a_inv" in state) == layer.diagonal_input_factor
+
+
+def test_skip_layers_takes_one_pattern_as_a_string_and_refuses_other_types():
+    model = _net()
+    opt = Kfac(model.parameters(), model, skip_layers="head")
+    assert opt.settings["skip_layers"] == ("head",) and {layer.name for layer in opt.layers} == {"embed", "conv",
+                                                                                                  "proj"}
+    with pytest.raises(ValueError, match="skip_layers must be a tuple of module-name regexes"):
+        Kfac(_net().parameters(), _net(), skip_layers=5)
+
+
 def test_adam_direction_is_algorithm_1_with_each_tensors_own_step_count():
     generator = torch.Generator().manual_seed(0)
     shapes = [(5, 3), (7,), (2, 2, 2)]
@@ -439,6 +521,37 @@ def test_ddp_two_processes_equal_one_process_on_the_global_batch(tmp_path, adapt
         for key, value in entries.items():
             torch.testing.assert_close(state[index][key], value, rtol=1e-9, atol=1e-12)
     assert refusal is not None and "FSDP" in refusal
+
+
+def _branch_batch(rank):
+    return torch.randn(16, 4, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
+
+
+def _ddp_branch_worker(rank, world_size, port, result_path):
+    with gloo_process_group(rank, world_size, port):
+        torch.manual_seed(0)
+        model = _Branchy().double()
+        opt = build_optimizer("kfac", model, lr=0.01, options="factor_interval=1,inverse_interval=1,skip_layers=")
+        ddp = DistributedDataParallel(model, find_unused_parameters=True)
+        x = _branch_batch(rank)
+        with torch.no_grad():
+            branch_input = torch.tanh(model.trunk(x))
+        model.use_branch = rank == 0  # rank 1's inputs never reach the branch
+        ddp(x).pow(2).sum().backward()
+        opt.step()
+        if rank == 0:
+            torch.save((opt.state[model.branch.weight]["kfac_a"], opt.state[model.trunk.weight]["kfac_a"],
+                        _input_factor(branch_input)), result_path)
+
+
+def test_ddp_a_layer_reached_on_some_ranks_only_takes_their_statistics(tmp_path):
+    """Under DDP a layer that one rank's inputs never reach (a branch, an MoE expert) must not desynchronise the
+    factor collectives: every rank sends every layer, and the factor averages the ranks that had statistics."""
+    mp.spawn(_ddp_branch_worker, args=(2, 29654, tmp_path / "branch.pt"), nprocs=2, join=True)
+    branch_a, trunk_a, rank0_branch_a = torch.load(tmp_path / "branch.pt")
+    torch.testing.assert_close(branch_a, rank0_branch_a, rtol=1e-12, atol=1e-12)  # rank 0's alone
+    torch.testing.assert_close(trunk_a, (_input_factor(_branch_batch(0)) + _input_factor(_branch_batch(1))) / 2,
+                               rtol=1e-12, atol=1e-12)  # both ranks'
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ class Capabilities:
     """What an optimizer works with. ``limits`` says why, where something is not supported."""
 
     needs_model: bool = False
+    #: works under fp16 with a GradScaler (``--fp16``): what it reads from the backward pass is unscaled by then
+    fp16_loss_scaling: bool = True
     ddp: bool = True
     fsdp2: bool = False
     deepspeed: bool = False
@@ -194,9 +196,11 @@ register(
         hyperparameters=("lr", "weight_decay", "betas", "eps"),
         capabilities=Capabilities(
             needs_model=True,
+            fp16_loss_scaling=False,
             limits=(
                 "K-FAC hooks each layer and needs its whole weight matrix: FSDP2 DTensors and DeepSpeed ZeRO's "
-                "flat partitions are refused."
+                "flat partitions are refused. Its output-gradient statistics are taken during the backward pass, "
+                "before a GradScaler unscales anything, so --fp16 (loss scaling) is refused: use --bf16 or fp32."
             ),
         ),
         summary="Kronecker-factored natural gradient + Adam grafting",

@@ -102,6 +102,19 @@ def check_parallelism(spec: OptimizerSpec, args: Any) -> None:
     )
 
 
+def check_loss_scaling(spec: OptimizerSpec, args: Any) -> None:
+    """Refuse ``--fp16`` (a GradScaler multiplies the backward pass by the loss scale) for an optimizer that reads
+    that pass itself (K-FAC's output-gradient statistics would carry the scale squared)."""
+    fp16 = getattr(args, "fp16", False) or os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower() == "fp16"
+    if not fp16 or spec.capabilities.fp16_loss_scaling:
+        return
+    raise OptionsError(
+        f"optim={spec.name!r} does not work under --fp16 (mixed precision with a GradScaler): "
+        f"{spec.capabilities.limits} Optimizers that do: "
+        f"{', '.join(s.name for s in _REGISTRY.values() if s.capabilities.fp16_loss_scaling)}."
+    )
+
+
 def hyperparameters_from_args(spec: OptimizerSpec, args: Any) -> dict[str, Any]:
     """The TrainingArguments values that mean the same thing as the optimizer's arguments."""
     available = {
@@ -120,6 +133,7 @@ def validate_training_arguments(args: Any) -> None:
         return
     config = spec.parse_options(args.optim_args)
     check_parallelism(spec, args)
+    check_loss_scaling(spec, args)
     spec.validate(config, **hyperparameters_from_args(spec, args))
 
 
@@ -145,6 +159,7 @@ def optimizer_cls_and_kwargs(spec: OptimizerSpec, args: Any, model: Any) -> tupl
     (:class:`OptimizerWithModel`) that Trainer calls with them."""
     config = spec.parse_options(args.optim_args)
     check_parallelism(spec, args)
+    check_loss_scaling(spec, args)
     if spec.name in BATCH_OPTIMIZERS and not _BATCH_TRAINER.get():
         raise ValueError(BATCH_OPTIMIZERS[spec.name])
     kwargs = hyperparameters_from_args(spec, args)

@@ -52,6 +52,20 @@ def test_deepspeed_and_fsdp_are_refused_with_the_reason(monkeypatch):
         validate_training_arguments(args)
 
 
+def test_fp16_loss_scaling_is_refused_for_kfac_with_the_alternatives(monkeypatch):
+    """K-FAC's statistics come from the scaled backward pass: --fp16 (a GradScaler) is refused, naming bf16 and the
+    optimizers that work under it. (fp16=True itself needs a GPU to build the arguments, so the launcher's
+    setting stands in for it.)"""
+    args = TrainingArguments("out", optim="kfac", report_to="none")
+    validate_training_arguments(args)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    with pytest.raises(OptionsError, match=r"optim='kfac' does not work under --fp16(.|\n)*use --bf16 or fp32"
+                                           r"(.|\n)*Optimizers that do: .*lamb"):
+        validate_training_arguments(args)
+    args.optim = "lamb"
+    validate_training_arguments(args)
+
+
 def test_trainer_builds_lamb_with_policy_groups_and_hf_hyperparameters(tmp_path, tokenized, minilm_path):
     trainer = make_trainer(tmp_path, tokenized, minilm_path, optim="lamb", optim_args="max_trust_ratio=10",
                            adam_beta1=0.8, adam_beta2=0.99, adam_epsilon=1e-6)

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..optim._foreach import evaluate_closure, local_tensors
+from ..optim._foreach import evaluate_closure, foreach_norms, local_tensors, stack_on_one_device
 from .placement import (
     GIB,
     Footprint,
@@ -315,8 +315,8 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
         grads = [p.grad for unit in self._units for p in unit.params if p.grad is not None]
         if not grads:
             return True
-        norms = torch._foreach_norm(local_tensors(grads))
-        finite = torch.stack([n.float() for n in norms]).isfinite().all().to(torch.int32)
+        norms = foreach_norms(local_tensors(grads))  # fp32: an fp16 norm overflows above 65504 on finite values
+        finite = stack_on_one_device(norms).isfinite().all().to(torch.int32)
         if self.sharded.world_size > 1:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         return bool(finite.item())

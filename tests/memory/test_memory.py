@@ -195,6 +195,19 @@ def test_accelerate_fp16_scaler_is_replaced_by_the_sharded_one_with_its_settings
     assert accelerator.scaler is scaler
 
 
+def test_large_finite_fp16_gradients_are_stepped_not_skipped():
+    """The finite check takes fp32 norms: an fp16 gradient whose norm passes 65504 (here 2000 in every element of
+    the word embeddings) is finite and must be stepped; an fp16 norm would overflow to inf and skip it."""
+    def large(step, model):
+        next(p for n, p in model.named_parameters() if "word_embeddings" in n).grad.to_local().fill_(2000.0)
+
+    _, masters, optimizer = train_offloaded("placement=static,offload_optim_frac=0.5", steps=1,
+                                            param_dtype="float16", hook=large)
+    assert optimizer.skipped_steps == 0
+    _, untouched, _ = train_offloaded("placement=static,offload_optim_frac=0.5", steps=0, param_dtype="float16")
+    assert max_difference(masters, untouched) > 0
+
+
 def test_nonfinite_gradients_skip_the_step_and_leave_the_state_alone():
     def poison(step, model):
         if step == 1:

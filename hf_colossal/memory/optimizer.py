@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .._hooks import OptimizerHook
 from ..optim._foreach import evaluate_closure, foreach_norms, local_tensors, stack_on_one_device
 from .placement import (
     GIB,
@@ -175,9 +176,12 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
         if not self._planned and self._cuda:  # what the first forward + backward adds on top is the activation peak
             torch.cuda.reset_peak_memory_stats(self.device)
             self._baseline_bytes = torch.cuda.memory_allocated(self.device)
-        self._hooks = [module.register_forward_pre_hook(self._pre_forward_hook(unit, module), prepend=True)
+        # the hooks hold this optimizer weakly: dropping it (without close()) frees its state and stops its thread
+        self._gather_streams: dict[int, list[Any]] = {}  # per unit, FSDP2's all-gather streams (found at 1st use)
+        self._hooks = [module.register_forward_pre_hook(OptimizerHook(self, "_before_unit_forward", unit),
+                                                        prepend=True)
                        for unit, module in zip(self._units, sharded.modules) if unit.index > 0]
-        self._hooks.append(sharded.model.register_state_dict_pre_hook(lambda *args, **kwargs: self.synchronize()))
+        self._hooks.append(sharded.model.register_state_dict_pre_hook(OptimizerHook(self, "_before_state_dict")))
         logger.info("heterogeneous memory: %s", self.plan.describe())
 
     # ----------------------------------------------------------------------------------------------------------
@@ -276,16 +280,15 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------------------------------------
     # overlap: waiting for a unit's CPU step
 
-    def _pre_forward_hook(self, unit: _UnitRuntime, module: torch.nn.Module):
-        gather: list[Any] = []  # FSDP2's all-gather streams, found at the first forward (after its lazy init)
+    def _before_unit_forward(self, unit: _UnitRuntime, module: torch.nn.Module, args: Any) -> None:
+        gather = self._gather_streams.setdefault(unit.index, [])  # after FSDP2's lazy init, at the first forward
+        if self._cuda and not gather:
+            gather.extend(_fsdp_all_gather_streams(module))
+        # no streams (CPU, or FSDP2's not found): a host wait
+        self._wait(unit, gather + [torch.cuda.current_stream(self.device)] if gather else None)
 
-        def hook(module_, args):
-            if self._cuda and not gather:
-                gather.extend(_fsdp_all_gather_streams(module))
-            # no streams (CPU, or FSDP2's not found): a host wait
-            self._wait(unit, gather + [torch.cuda.current_stream(self.device)] if gather else None)
-
-        return hook
+    def _before_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.synchronize()  # the model's state dict reads the parameters the CPU steps write back
 
     def _wait(self, unit: _UnitRuntime, streams: list[Any] | None = None) -> None:
         """Wait for ``unit``'s CPU step (on the host: its copy back is queued only when it ends), then for the copy

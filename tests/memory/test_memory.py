@@ -208,6 +208,32 @@ def test_large_finite_fp16_gradients_are_stepped_not_skipped():
     assert max_difference(masters, untouched) > 0
 
 
+def test_a_dropped_optimizer_is_freed_and_its_thread_stops_without_close():
+    """The model's hooks hold the optimizer weakly: once the training code drops it (Trainer and accelerate never
+    call close()), its masters' state and its CPU-step thread go, and the model still runs its forward."""
+    import gc
+    import threading
+    import weakref
+
+    def cpu_step_threads():
+        return [t for t in threading.enumerate() if t.name.startswith("hf_colossal_cpu_step")]
+
+    before = set(cpu_step_threads())
+    _, _, optimizer = train_offloaded("placement=static,offload_optim_frac=1", steps=1)
+    model = optimizer.sharded.model
+    ours = set(cpu_step_threads()) - before
+    assert len(ours) == 1  # the overlap thread
+    dropped = weakref.ref(optimizer)
+    del optimizer
+    gc.collect()
+    assert dropped() is None
+    for thread in ours:  # it exits once the executor is collected
+        thread.join(timeout=5)
+        assert not thread.is_alive()
+    _, batch, labels = minilm_and_batch()
+    assert torch.isfinite(model(**batch, labels=labels).loss)
+
+
 def test_nonfinite_gradients_skip_the_step_and_leave_the_state_alone():
     def poison(step, model):
         if step == 1:

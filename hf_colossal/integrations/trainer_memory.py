@@ -22,6 +22,7 @@ What Trainer would do and why each is replaced (``shared/notes/hf-integration.md
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -36,6 +37,8 @@ from ..memory import (
     sharded_model_of,
 )
 from .accelerate import _keep_sharded_models_out_of_ddp, use_sharded_grad_scaler
+
+logger = logging.getLogger(__name__)
 
 #: ``--optim`` values and the base rule they select
 BASE_FOR_OPTIM = {"lamb": "lamb"}
@@ -151,19 +154,35 @@ class HeterogeneousMemoryTrainerMixin:
             return super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc]
         from transformers.trainer import SCHEDULER_NAME
 
-        folder = os.path.join(checkpoint, CHECKPOINT_FOLDER)
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"{checkpoint} has no {CHECKPOINT_FOLDER}/ folder: it was not saved by a "
-                                    "heterogeneous-memory run, so its optimizer state (and fp32 masters) cannot be "
-                                    "restored; start from its weights with from_pretrained instead")
-        load_checkpoint(self._heterogeneous_optimizer, folder)
+        load_checkpoint(self._heterogeneous_optimizer, _memory_folder(checkpoint))
         self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
+        return None
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the best checkpoint's masters (with their optimizer state) from its DCP folder,
+        and the low-precision shards set from them; Trainer's own load would put plain tensors into FSDP2's
+        parameters and leave the masters, which ``save_model`` writes, at the last step."""
+        if self._sharded is None:
+            return super()._load_best_model()  # type: ignore[misc]
+        best = self.state.best_model_checkpoint
+        logger.info("Loading best model from %s (score: %s).", best, self.state.best_metric)
+        load_checkpoint(self._heterogeneous_optimizer, _memory_folder(best))
         return None
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         if self._sharded is None:
             super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
         # else: the fp32 masters come with the optimizer state (_load_optimizer_and_scheduler)
+
+
+def _memory_folder(checkpoint: str) -> str:
+    """The DCP folder of a Trainer checkpoint written by a heterogeneous-memory run (or a clear error)."""
+    folder = os.path.join(checkpoint, CHECKPOINT_FOLDER)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{checkpoint} has no {CHECKPOINT_FOLDER}/ folder: it was not saved by a "
+                                "heterogeneous-memory run, so its optimizer state (and fp32 masters) cannot be "
+                                "restored; start from its weights with from_pretrained instead")
+    return folder
 
 
 def full_master_weights(sharded) -> dict[str, torch.Tensor]:

@@ -63,6 +63,24 @@ def test_trainer_trains_saves_loadable_weights_and_resumes_exactly(tmp_path, tok
     assert max((again[k] - final[k]).abs().max().item() for k in final) == 0.0
 
 
+def test_load_best_model_at_end_restores_the_best_checkpoints_masters(tmp_path, tokenized, minilm_path):
+    """Trainer's own best-model load would put plain tensors into FSDP2's parameters (it raised) and leave the
+    masters at the last step; the mixin loads the best checkpoint's DCP folder. "Best" is the higher eval loss
+    here, so that it is the first checkpoint, not the last step."""
+    trainer = _trainer(tmp_path, tokenized, minilm_path, eval_strategy="steps", eval_steps=2,
+                       load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True)
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    best = AutoModelForSequenceClassification.from_pretrained(trainer.state.best_model_checkpoint)
+    last = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "checkpoint-4"))
+    masters = _masters(trainer)
+    for name, param in best.named_parameters():
+        assert torch.equal(masters[name], param.detach()), name
+    assert any(not torch.equal(masters[n], p.detach()) for n, p in last.named_parameters())
+    for name, param in sharded_model_of(trainer.model).model.named_parameters():  # the shards follow the masters
+        assert torch.equal(param.to_local().detach().float().cpu(), masters[name]), name
+
+
 def test_unsupported_settings_fail_before_training(tmp_path, tokenized, minilm_path):
     with pytest.raises(ValueError, match="use param_dtype='float16'"):
         _trainer(tmp_path, tokenized, minilm_path, options="param_dtype=bfloat16", fp16=True)

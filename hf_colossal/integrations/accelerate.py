@@ -164,23 +164,35 @@ def register_accelerator_env_route(accelerator_module) -> None:
     logger.info("%s=%s: gradient compression enabled for every Accelerator", ENV_VAR, plugin)
 
 
-def _keep_sharded_models_out_of_ddp(accelerator) -> None:
-    """Make ``accelerator.prepare`` leave FSDP2-sharded (heterogeneous-memory) models unwrapped: accelerate would
-    refuse their DTensor parameters under DDP; they get its mixed-precision forward only (``evaluation_mode``)."""
+def _prepare_heterogeneous_memory_as_is(accelerator) -> None:
+    """Make ``accelerator.prepare`` take heterogeneous-memory objects as they are:
+
+    - an FSDP2-sharded model stays unwrapped (accelerate would refuse its DTensor parameters under DDP) and gets
+      accelerate's mixed-precision forward only (``evaluation_mode``);
+    - a :class:`~hf_colossal.memory.HeterogeneousOptimizer` gets no device placement: accelerate would round-trip
+      its state dict through the device, copying every offloaded master and state tensor to the GPU (a peak of
+      their size, the memory the plugin exists to save)."""
+    from ..memory import HeterogeneousOptimizer
     from ..memory.sharding import sharded_model_of
 
     if getattr(accelerator.prepare_model, "_hf_colossal_memory", False):
         return
-    original = accelerator.prepare_model
+    prepare_model, prepare_optimizer = accelerator.prepare_model, accelerator.prepare_optimizer
 
-    @functools.wraps(original)
-    def prepare_model(model, device_placement=None, evaluation_mode=False):
+    @functools.wraps(prepare_model)
+    def prepare_sharded_model(model, device_placement=None, evaluation_mode=False):
         if sharded_model_of(model) is not None:
-            return original(model, device_placement=False, evaluation_mode=True)
-        return original(model, device_placement=device_placement, evaluation_mode=evaluation_mode)
+            return prepare_model(model, device_placement=False, evaluation_mode=True)
+        return prepare_model(model, device_placement=device_placement, evaluation_mode=evaluation_mode)
 
-    prepare_model._hf_colossal_memory = True  # type: ignore[attr-defined]
-    accelerator.prepare_model = prepare_model
+    @functools.wraps(prepare_optimizer)
+    def prepare_offloading_optimizer(optimizer, device_placement=None):
+        if isinstance(optimizer, HeterogeneousOptimizer):
+            device_placement = False
+        return prepare_optimizer(optimizer, device_placement=device_placement)
+
+    prepare_sharded_model._hf_colossal_memory = True  # type: ignore[attr-defined]
+    accelerator.prepare_model, accelerator.prepare_optimizer = prepare_sharded_model, prepare_offloading_optimizer
 
 
 def use_sharded_grad_scaler(accelerator) -> None:
@@ -232,5 +244,5 @@ def enable_heterogeneous_memory(accelerator, model, plugin=None, *, optimizer: s
     sharded = shard_model(model, plugin, device=accelerator.device)
     params = param_groups(model) if callable(param_groups) else model.parameters()
     built = HeterogeneousOptimizer(params, sharded, plugin, base=optimizer, **hyperparameters)
-    _keep_sharded_models_out_of_ddp(accelerator)
+    _prepare_heterogeneous_memory_as_is(accelerator)
     return model, built

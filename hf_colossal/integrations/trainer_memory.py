@@ -8,7 +8,8 @@ What Trainer would do and why each is replaced (``shared/notes/hf-integration.md
 - under ``--fp16``, accelerate's ``GradScaler`` becomes torch's ``ShardedGradScaler`` (it unscales fp16
   gradients, which the plain one refuses, and all-reduces the overflow flag across the ranks' shards);
 - ``create_accelerator_and_postprocess``: accelerate would refuse DTensor parameters under DDP; the prepared model
-  gets accelerate's mixed-precision forward only;
+  gets accelerate's mixed-precision forward only, and the optimizer no device placement (which would copy every
+  offloaded master and state tensor to the GPU);
 - ``create_optimizer`` builds :class:`~hf_colossal.memory.HeterogeneousOptimizer` with Trainer's decay / no-decay
   groups and ``--learning_rate``, ``--adam_beta1/2``, ``--adam_epsilon``; ``--optim`` picks the base rule
   (``adamw*`` -> AdamW, ``lamb`` -> LAMB);
@@ -36,7 +37,7 @@ from ..memory import (
     shard_model,
     sharded_model_of,
 )
-from .accelerate import _keep_sharded_models_out_of_ddp, use_sharded_grad_scaler
+from .accelerate import _prepare_heterogeneous_memory_as_is, use_sharded_grad_scaler
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class HeterogeneousMemoryTrainerMixin:
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()  # type: ignore[misc]
         if self.heterogeneous_memory is not None:
-            _keep_sharded_models_out_of_ddp(self.accelerator)
+            _prepare_heterogeneous_memory_as_is(self.accelerator)
             use_sharded_grad_scaler(self.accelerator)
             self.heterogeneous_memory.check_loss_scaler(self.accelerator.scaler)
 

@@ -39,6 +39,7 @@ def test_trainer_trains_saves_loadable_weights_and_resumes_exactly(tmp_path, tok
     straight.train()
     optimizer = straight.optimizer.optimizer
     assert isinstance(optimizer, HeterogeneousOptimizer) and optimizer.base_name == "adamw"
+    assert straight.optimizer.device_placement is False  # no round trip of the offloaded state through the device
     assert {g["weight_decay"] for g in optimizer.param_groups} == {0.0, 0.01}
     assert len(optimizer.plan.offloaded) == 6  # the layers; the embeddings are the other half
     final = _masters(straight)

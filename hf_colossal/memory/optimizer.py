@@ -479,7 +479,9 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch's layout (``state`` by parameter index, ``param_groups``); each entry also holds ``master``, the
-        fp32 local shard, so a resumed run continues from full-precision weights."""
+        fp32 local shard, so a resumed run continues from full-precision weights. ``shard`` says whose shards
+        these are (rank, world size): loading them into another rank is refused (accelerate's ``save_state``
+        keeps the main process's optimizer state only; :func:`~hf_colossal.memory.save_checkpoint` writes all)."""
         self.synchronize()
         index = {id(p): i for i, p in enumerate(self._all_params())}
         state: dict[int, dict[str, Any]] = {}
@@ -493,10 +495,19 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
             packed = hyperparameters(group)
             packed["params"] = [index[id(p)] for p in group["params"]]
             groups.append(packed)
-        return {"state": state, "param_groups": groups, "skipped_steps": self.skipped_steps}
+        return {"state": state, "param_groups": groups, "skipped_steps": self.skipped_steps,
+                "shard": {"rank": self.sharded.rank, "world_size": self.sharded.world_size}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.synchronize()
+        saved = state_dict.get("shard", {"rank": self.sharded.rank, "world_size": self.sharded.world_size})
+        if (saved["rank"], saved["world_size"]) != (self.sharded.rank, self.sharded.world_size):
+            raise ValueError(
+                f"HeterogeneousOptimizer.load_state_dict: this state holds the shards of rank {saved['rank']} of "
+                f"{saved['world_size']}, and this is rank {self.sharded.rank} of {self.sharded.world_size}. A "
+                "single state dict holds one rank's shards (accelerate's save_state keeps the main process's "
+                "only): save with hf_colossal.memory.save_checkpoint(optimizer, folder) on every rank and load "
+                "with load_checkpoint, at any world size (Trainer's checkpoints do this)")
         groups = state_dict["param_groups"]
         if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.param_groups]:
             raise ValueError("HeterogeneousOptimizer.load_state_dict: the saved param groups do not match this "

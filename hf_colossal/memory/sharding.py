@@ -48,6 +48,7 @@ class ShardedModel:
     masters: dict[str, torch.Tensor]
     device: torch.device
     world_size: int
+    rank: int
     mesh: object  # the DeviceMesh FSDP2 shards over (1-D, all ranks)
 
     @property
@@ -154,7 +155,7 @@ def shard_model(model: nn.Module, plugin: HeterogeneousMemoryPlugin | None = Non
                   for index, (prefix, names) in enumerate(zip([""] + [p for p, _ in blocks], names_per_unit)))
     sharded = ShardedModel(model=model, units=units, modules=(model, *(m for _, m in blocks)),
                            param_names=tuple(tuple(n) for n in names_per_unit), masters=masters, device=device,
-                           world_size=world_size, mesh=mesh)
+                           world_size=world_size, rank=rank, mesh=mesh)
     setattr(model, ATTRIBUTE, sharded)
     return sharded
 

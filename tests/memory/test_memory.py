@@ -265,6 +265,17 @@ def test_state_dict_resume_continues_the_run_exactly(tmp_path):
     assert max_difference(straight, {n: m.cpu() for n, m in sharded.masters.items()}) == 0.0
 
 
+def test_a_state_dict_of_another_ranks_shards_is_refused_with_the_way_to_save_all():
+    """accelerate's save_state writes the main process's optimizer state only; loading it on another rank put rank
+    0's shards into rank 1's masters without an error."""
+    _, _, optimizer = train_offloaded("placement=static,offload_optim_frac=0.5", steps=1)
+    saved = optimizer.state_dict()
+    assert saved["shard"] == {"rank": 0, "world_size": 1}
+    optimizer.load_state_dict(saved)
+    with pytest.raises(ValueError, match=r"shards of rank 0 of 2, and this is rank 0 of 1(.|\n)*save_checkpoint"):
+        optimizer.load_state_dict({**saved, "shard": {"rank": 0, "world_size": 2}})
+
+
 def test_auto_placement_moves_the_blocks_that_fit_after_the_first_step():
     # MiniLM, fp32 weights: 22.7M x 8 B of weights + gradients = 0.17 GiB; on the device, the embeddings' master and
     # state add 0.13 GiB and each layer's 0.02 GiB: 0.36 GiB holds the embeddings and two layers

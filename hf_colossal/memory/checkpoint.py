@@ -3,7 +3,8 @@
 Every rank writes its own shards, wherever they live (GPU or pinned CPU), as DTensors with the parameter's global
 shape; DCP reshards on load, so a run saved on N processes resumes on M. Layout of the saved state:
 
-- ``model.<param>``: the fp32 master weights (the model's true weights; the bf16 parameters are rounded copies);
+- ``model.<param>``: the fp32 master weights of every parameter, frozen ones included (the model's true weights;
+  the bf16 parameters are rounded copies);
 - ``optimizer.<param>.<key>``: the base optimizer's state (``exp_avg``, ``exp_avg_sq``, ``step`` for AdamW);
 - ``param_groups``, ``skipped_steps``.
 
@@ -41,6 +42,9 @@ def _state(optimizer: HeterogeneousOptimizer) -> dict[str, Any]:
         state[name] = {key: _as_global(value, param, optimizer) if torch.is_tensor(value) and
                        value.shape == master.shape and value.dim() > 0 else value
                        for key, value in base_state.items()}
+    for name, param in optimizer.sharded.model.named_parameters():  # frozen: saved, so the folder is the whole model
+        if name not in model:
+            model[name] = _as_global(optimizer.sharded.masters[name], param, optimizer)
     groups = [hyperparameters(group) for group in optimizer.param_groups]
     return {"model": model, "optimizer": state, "param_groups": groups, "skipped_steps": optimizer.skipped_steps}
 

@@ -105,7 +105,9 @@ def check_parallelism(spec: OptimizerSpec, args: Any) -> None:
 def check_loss_scaling(spec: OptimizerSpec, args: Any) -> None:
     """Refuse ``--fp16`` (a GradScaler multiplies the backward pass by the loss scale) for an optimizer that reads
     that pass itself (K-FAC's output-gradient statistics would carry the scale squared)."""
-    fp16 = getattr(args, "fp16", False) or os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower() == "fp16"
+    # what Trainer builds its Accelerator from: --fp16 / --bf16 override the launcher's ACCELERATE_MIXED_PRECISION
+    mixed_precision = getattr(args, "mixed_precision", None) or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    fp16 = getattr(args, "fp16", False) or (mixed_precision == "fp16" and not getattr(args, "bf16", False))
     if not fp16 or spec.capabilities.fp16_loss_scaling:
         return
     raise OptionsError(

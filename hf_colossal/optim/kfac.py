@@ -953,6 +953,8 @@ class Kfac(Optimizer):
         starts from its own statistics, not from the identity. Under DDP every rank sends every layer (zeros where
         it has no statistics this time) and the factors are averaged over the ranks that had some: the collectives
         match whatever each rank's inputs reached."""
+        if not self.layers:
+            return
         world = data_parallel_world()
         has = [layer.input_sum is not None and layer.output_grad_sum is not None for layer in self.layers]
         if world == 1 and not any(has):
@@ -965,9 +967,9 @@ class Kfac(Optimizer):
                 new.append(output_grad_factor(layer.output_grad_sum, layer.output_grad_examples))
             else:  # DDP: this rank's inputs did not reach the layer
                 d_a, d_g = layer.factor_dims
-                device = layer.weight.device
-                new.append(torch.zeros(d_a if layer.diagonal_input_factor else (d_a, d_a), device=device))
-                new.append(torch.zeros(d_g, d_g, device=device))
+                like = dict(device=layer.weight.device, dtype=math_dtype(layer.weight.dtype))  # as the statistics
+                new.append(torch.zeros(d_a if layer.diagonal_input_factor else (d_a, d_a), **like))
+                new.append(torch.zeros(d_g, d_g, **like))
         if world > 1:
             ranks_with = torch.tensor(has, dtype=torch.float32, device=layers[0].weight.device)
             *new, ranks_with = all_reduce_in_buckets([*new, ranks_with], average=False)
@@ -1176,8 +1178,8 @@ class Kfac(Optimizer):
         """Load like ``torch.optim.Optimizer`` (state of fp16/bf16 parameters kept fp32, step counts on the
         parameters' devices) and the K-FAC counts. With ``damping_adaptation`` the checkpoint's adapted damping
         is taken (without it, or with fixed damping, the configured one). Inverses of the other ``method`` (a
-        run resumed with the method changed) are dropped, and the next step computes this method's from the
-        loaded factors."""
+        run resumed with the method changed) are dropped; then, or when the configured fixed damping differs from
+        the checkpoint's, the next step computes the inverses from the loaded factors."""
         counts = state_dict.get("kfac", {"step_calls": 0, "factor_updates": 0})
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "kfac"})
         restore_state_precision(self, state_dict)
@@ -1196,6 +1198,8 @@ class Kfac(Optimizer):
         self.step_calls, self.factor_updates = int(counts["step_calls"]), int(counts["factor_updates"])
         if self.settings["damping_adaptation"] != "none":
             self.damping = float(counts.get("damping", self.settings["damping"]))
+        elif counts.get("damping", self.damping) != self.damping:  # the loaded inverses hold the old damping
+            self._inverses_missing = True
         self.reduction_ratio = counts.get("reduction_ratio")
         for layer in self.layers:
             layer.reset_statistics()

@@ -56,14 +56,14 @@ def test_fp16_loss_scaling_is_refused_for_kfac_with_the_alternatives(monkeypatch
     """K-FAC's statistics come from the scaled backward pass: --fp16 (a GradScaler) is refused, naming bf16 and the
     optimizers that work under it. (fp16=True itself needs a GPU to build the arguments, so the launcher's
     setting stands in for it.)"""
-    args = TrainingArguments("out", optim="kfac", report_to="none")
-    validate_training_arguments(args)
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    TrainingArguments("out", optim="kfac", report_to="none")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # as `accelerate launch --mixed_precision fp16` sets
     with pytest.raises(OptionsError, match=r"optim='kfac' does not work under --fp16(.|\n)*use --bf16 or fp32"
                                            r"(.|\n)*Optimizers that do: .*lamb"):
-        validate_training_arguments(args)
-    args.optim = "lamb"
-    validate_training_arguments(args)
+        TrainingArguments("out", optim="kfac", report_to="none")
+    TrainingArguments("out", optim="lamb", report_to="none")
+    # --bf16 overrides the launcher's fp16 (Trainer builds its Accelerator from args.mixed_precision): no refusal
+    assert TrainingArguments("out", optim="kfac", bf16=True, use_cpu=True, report_to="none").mixed_precision == "bf16"
 
 
 def test_trainer_builds_lamb_with_policy_groups_and_hf_hyperparameters(tmp_path, tokenized, minilm_path):

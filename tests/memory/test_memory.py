@@ -379,6 +379,15 @@ def test_checkpoint_holds_frozen_parameters_too(tmp_path):
             assert torch.equal(param.detach(), reference[name]), name  # frozen: as before
         else:
             assert torch.equal(param.detach(), sharded.masters[name]), name
+    # a folder written before frozen parameters were saved still loads
+    import torch.distributed.checkpoint as dcp
+
+    from hf_colossal.memory.checkpoint import _state
+
+    old = _state(optimizer)
+    old["model"] = {name: value for name, value in old["model"].items() if "embeddings" not in name}
+    dcp.save(old, checkpoint_id=str(tmp_path / "old"))
+    load_checkpoint(optimizer, str(tmp_path / "old"))
 
 
 def test_checkpoint_saved_by_two_processes_resumes_in_one_and_loads_without_the_plugin(tmp_path):

@@ -278,6 +278,8 @@ def test_copies_of_the_model_run_without_feeding_or_holding_the_optimizer():
     torch.save(model, buffer)
     buffer.seek(0)
     for copy_ in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        hooks = [hook for module in copy_.modules() for hook in module._forward_hooks.values()]
+        assert len(hooks) == len(opt.layers) and all(hook._optimizer is None for hook in hooks)  # inert
         copy_.train()
         _loss(copy_, _net_batch(5)).backward()
         assert all(layer.input_sum is None and layer.output_grad_sum is None for layer in opt.layers)
@@ -331,12 +333,22 @@ def test_resuming_with_the_other_method_recomputes_inverses_and_keeps_the_config
     eigen = build_optimizer("kfac", model, lr=0.05,
                             options="factor_interval=1,inverse_interval=3,method=eigen,damping=0.1")
     eigen.load_state_dict(saved)
-    assert eigen.damping == 0.1  # fixed damping: the configured value, not the checkpoint's 0.01
+    assert eigen.damping == 0.1  # fixed damping: the configured value, not the checkpoint's 0.01 (nor its inverses)
     _train(model, eigen, range(2, 3))  # step 2: not an inverse step, yet the eigen inverses are computed
     for layer in eigen.layers:
         state = eigen.state[layer.weight]
         assert "kfac_g_inv" not in state and "kfac_g_eigenvectors" in state
         assert ("kfac_a_inv" in state) == layer.diagonal_input_factor
+    # the same method with another fixed damping: the next step inverts the loaded factors with the new damping
+    other = _net()
+    resumed = build_optimizer("kfac", other, lr=0.05, options="factor_interval=1,inverse_interval=3,damping=0.1")
+    resumed.load_state_dict(saved)
+    _train(other, resumed, range(2, 3))
+    for layer in resumed.layers:
+        state = resumed.state[layer.weight]
+        gamma_g = resumed._damping_terms(state)[1]
+        eye = torch.eye(state["kfac_g"].shape[0], dtype=torch.float64)
+        torch.testing.assert_close(state["kfac_g_inv"] @ (state["kfac_g"] + gamma_g * eye), eye, rtol=0, atol=1e-9)
 
 
 def test_skip_layers_takes_one_pattern_as_a_string_and_refuses_other_types():
@@ -539,6 +551,9 @@ def _ddp_branch_worker(rank, world_size, port, result_path):
         model.use_branch = rank == 0  # rank 1's inputs never reach the branch
         ddp(x).pow(2).sum().backward()
         opt.step()
+        nothing = build_optimizer("kfac", model, lr=0.01, options="skip_layers=.*")  # no layer: the base rule only
+        assert nothing.layers == []
+        nothing.step()
         if rank == 0:
             torch.save((opt.state[model.branch.weight]["kfac_a"], opt.state[model.trunk.weight]["kfac_a"],
                         _input_factor(branch_input)), result_path)

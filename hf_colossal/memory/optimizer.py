@@ -44,6 +44,7 @@ from .placement import (
     GIB,
     Footprint,
     MemoryPlanError,
+    Unit,
     available_host_bytes,
     check_fits,
     check_host_fits,
@@ -195,18 +196,22 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
         if stray:
             raise ValueError(f"HeterogeneousOptimizer: {len(stray)} parameter(s) are not parameters of the sharded "
                              "model; build the optimizer after shard_model(), from the sharded model's parameters")
-        units = []
+        units, plan_units = [], []
         for unit, names in zip(self.sharded.units, self.sharded.param_names):
             trained = [n for n in names if id(named[n]) in group_of]
             units.append(_UnitRuntime(index=unit.index, names=trained, params=[named[n] for n in trained],
                                       masters=[self.sharded.masters[n] for n in trained],
                                       group_of=[group_of[id(named[n])] for n in trained]))
+            trained_numel = sum(self.sharded.masters[n].numel() for n in trained)
+            plan_units.append(Unit(unit.name, trained_numel, unit.index, frozen_numel=unit.numel - trained_numel))
+        #: the units as the placement sees them: parameters this optimizer trains, and frozen ones (weights only)
+        self._plan_units = tuple(plan_units)
         return units
 
     def _first_plan(self) -> None:
         capacity = self._capacity_bytes()
         if self.plugin.placement == "static":
-            self.plan = plan_static(self.sharded.units, self.plugin.offload_optim_frac, self.footprint,
+            self.plan = plan_static(self._plan_units, self.plugin.offload_optim_frac, self.footprint,
                                     self.sharded.offloadable)
             if capacity is not None:
                 check_fits(self.plan, capacity)
@@ -216,10 +221,10 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
                                       "device_memory_gib")
             margin = int(self.plugin.auto_margin_gib * GIB)
             try:
-                self.plan = plan_auto(self.sharded.units, self.footprint, capacity, 0,
+                self.plan = plan_auto(self._plan_units, self.footprint, capacity, 0,
                                       max(margin, int(FIRST_PLAN_RESERVE * capacity)), self.sharded.offloadable)
             except MemoryPlanError:  # the reserve is a guess: let the measured first step decide
-                self.plan = plan_auto(self.sharded.units, self.footprint, capacity, 0, margin,
+                self.plan = plan_auto(self._plan_units, self.footprint, capacity, 0, margin,
                                       self.sharded.offloadable)
         self._check_host_fits()
 
@@ -334,7 +339,7 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
             activation = max(0, torch.cuda.max_memory_allocated(self.device) - self._baseline_bytes - grads)
 
         def replan() -> None:
-            self.plan = plan_auto(self.sharded.units, self.footprint, capacity, activation,
+            self.plan = plan_auto(self._plan_units, self.footprint, capacity, activation,
                                   int(self.plugin.auto_margin_gib * GIB), self.sharded.offloadable)
             self._check_host_fits()  # a larger measured activation peak offloads more than the first plan
 

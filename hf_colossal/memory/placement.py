@@ -28,11 +28,14 @@ class MemoryPlanError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-    """One placement unit: ``name`` (module path, ``""`` for the root), local parameter count, forward index."""
+    """One placement unit: ``name`` (module path, ``""`` for the root), local count of trained parameters, forward
+    index, and ``frozen_numel`` local parameters that are not trained (their low-precision weights only are on the
+    device: no gradient, no optimizer state; their fp32 masters stay in host memory where sharding left them)."""
 
     name: str
     numel: int
     index: int
+    frozen_numel: int = 0
 
     @property
     def label(self) -> str:
@@ -83,8 +86,9 @@ class MemoryPlan:
     def device_bytes(self, activation_bytes: int = 0) -> int:
         """Persistent bytes this plan keeps on the compute device, plus ``activation_bytes``."""
         device_numel = self.total_numel - self.offloaded_numel
+        frozen_weights = sum(u.frozen_numel for u in self.units) * (self.footprint.low_precision // 2)
         return (self.total_numel * self.footprint.low_precision + device_numel * self.footprint.master_and_state
-                + activation_bytes)
+                + frozen_weights + activation_bytes)
 
     def host_bytes(self) -> int:
         """Pinned host bytes: fp32 master and optimizer state per offloaded parameter, plus two fp32 gradient slots

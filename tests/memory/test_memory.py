@@ -52,6 +52,31 @@ def test_auto_plan_keeps_leading_blocks_that_fit_and_refuses_what_cannot_fit():
     assert "gradient checkpointing" in str(error.value) and "placement (auto" in str(error.value)
 
 
+def test_frozen_parameters_count_as_weights_only():
+    """A frozen parameter has its low-precision weight on the device and nothing else: no gradient, no master or
+    optimizer state there."""
+    units = [Unit("", 10, 0, frozen_numel=100)] + [Unit(f"layers.{i}", 10, i + 1) for i in range(2)]
+    plan = plan_static(units, 1.0, FOOT, [False, True, True])
+    # trained: 30 x 4 B of bf16 weight + grad, the root's 10 x 12 B of master + state; frozen: 100 x 2 B
+    assert plan.device_bytes() == 30 * 4 + 10 * 12 + 100 * 2
+
+
+def test_a_model_with_frozen_embeddings_is_planned_by_what_it_trains():
+    """MiniLM (fp32 weights) with its 12M embedding parameters frozen fits a 0.15 GiB device budget: 0.13 GiB of
+    weights and trained gradients. Counted as trained, with gradients, the embeddings made it 0.17 GiB and the plan
+    refused."""
+    plugin = HeterogeneousMemoryPlugin.from_optim_args("param_dtype=float32,placement=auto,device_memory_gib=0.15,"
+                                                        "auto_margin_gib=0")
+    model, batch, labels = minilm_and_batch()
+    for name, param in model.named_parameters():
+        param.requires_grad_("embeddings" not in name)
+    sharded = shard_model(model, plugin)
+    optimizer = HeterogeneousOptimizer([p for p in model.parameters() if p.requires_grad], sharded, plugin, lr=1e-3)
+    assert optimizer.plan.device_bytes() < 0.15 * GIB
+    model(**batch, labels=labels).loss.backward()
+    optimizer.step()
+
+
 def test_static_plan_that_cannot_fit_names_the_setting_to_change():
     plan = plan_static([Unit("", 10, 0), Unit("b", GIB, 1)], 0.0, FOOT, [False, True])
     with pytest.raises(MemoryPlanError, match="raise offload_optim_frac"):

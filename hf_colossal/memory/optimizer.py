@@ -154,9 +154,9 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
         self.base_name = base
         self._factory = BASE_FACTORIES[base]
         low_precision_bytes = next(iter(sharded.model.parameters())).element_size()
-        self.footprint = Footprint.for_optimizer(BASE_OPTIMIZERS[base], low_precision_bytes)
         self.skipped_steps = 0
         self._pin = self.plugin.pin_memory and torch.cuda.is_available()
+        self.footprint = Footprint.for_optimizer(BASE_OPTIMIZERS[base], low_precision_bytes, pinned=self._pin)
         self._cuda = self.device.type == "cuda"
         # gradients down and updated masters up on separate streams: PCIe copies both ways at once
         self._d2h_stream = torch.cuda.Stream(self.device) if self._cuda else None
@@ -202,8 +202,9 @@ class HeterogeneousOptimizer(torch.optim.Optimizer):
             units.append(_UnitRuntime(index=unit.index, names=trained, params=[named[n] for n in trained],
                                       masters=[self.sharded.masters[n] for n in trained],
                                       group_of=[group_of[id(named[n])] for n in trained]))
-            trained_numel = sum(self.sharded.masters[n].numel() for n in trained)
-            plan_units.append(Unit(unit.name, trained_numel, unit.index, frozen_numel=unit.numel - trained_numel))
+            numels = tuple(self.sharded.masters[n].numel() for n in trained)
+            plan_units.append(Unit(unit.name, sum(numels), unit.index, frozen_numel=unit.numel - sum(numels),
+                                   tensor_numels=numels))
         #: the units as the placement sees them: parameters this optimizer trains, and frozen ones (weights only)
         self._plan_units = tuple(plan_units)
         return units

@@ -36,6 +36,8 @@ class Unit:
     numel: int
     index: int
     frozen_numel: int = 0
+    #: the trained parameters' local sizes, one per tensor (what a pinned host copy rounds); empty: one tensor
+    tensor_numels: tuple[int, ...] = ()
 
     @property
     def label(self) -> str:
@@ -52,10 +54,18 @@ class Footprint:
 
     low_precision: int = 4
     master_and_state: int = 12
+    #: host copies of masters and gradient slots are pinned: torch's pinned allocator rounds each up to a power of
+    #: two (a 4096 x 11008 fp32 master, 172 MiB, takes 256 MiB)
+    pinned: bool = False
 
     @classmethod
-    def for_optimizer(cls, states_per_param: int, low_precision_bytes: int = 2) -> Footprint:
-        return cls(low_precision=2 * low_precision_bytes, master_and_state=4 * (1 + states_per_param))
+    def for_optimizer(cls, states_per_param: int, low_precision_bytes: int = 2, pinned: bool = False) -> Footprint:
+        return cls(low_precision=2 * low_precision_bytes, master_and_state=4 * (1 + states_per_param), pinned=pinned)
+
+
+def pinned_bytes(nbytes: int) -> int:
+    """Host bytes torch's pinned (page-locked) allocator takes for a request of ``nbytes``: the next power of two."""
+    return 1 << max(nbytes - 1, 0).bit_length() if nbytes else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,10 +101,14 @@ class MemoryPlan:
                 + frozen_weights + activation_bytes)
 
     def host_bytes(self) -> int:
-        """Pinned host bytes: fp32 master and optimizer state per offloaded parameter, plus two fp32 gradient slots
-        the size of the largest offloaded unit (gradients pass through them one unit at a time)."""
+        """Host bytes: fp32 master and optimizer state per offloaded parameter, plus two fp32 gradient slots the
+        size of the largest offloaded unit (gradients pass through them one unit at a time). Where they are pinned,
+        each master and slot counts as the pinned allocator rounds it (the optimizer state is not pinned)."""
+        size = pinned_bytes if self.footprint.pinned else (lambda nbytes: nbytes)
+        masters = sum(size(4 * n) for u in self.offloaded for n in (u.tensor_numels or (u.numel,)))
+        state = self.offloaded_numel * (self.footprint.master_and_state - 4)
         largest = max((u.numel for u in self.offloaded), default=0)
-        return self.offloaded_numel * self.footprint.master_and_state + 2 * 4 * largest
+        return masters + state + 2 * size(4 * largest)
 
     def describe(self) -> str:
         offloaded = self.offloaded

@@ -61,6 +61,18 @@ def test_frozen_parameters_count_as_weights_only():
     assert plan.device_bytes() == 30 * 4 + 10 * 12 + 100 * 2
 
 
+def test_pinned_host_copies_count_as_the_pinned_allocator_rounds_them():
+    """torch's pinned allocator rounds each request up to a power of two: a unit of two masters of 3 and 5 fp32
+    parameters pins 16 + 32 bytes, and each of the two gradient slots (8 parameters, 32 bytes) 32."""
+    units = [Unit("", 1, 0), Unit("block", 8, 1, tensor_numels=(3, 5))]
+    state = 8 * (FOOT.master_and_state - 4)  # Adam's two moments: not pinned
+    assert plan_static(units, 1.0, FOOT, [False, True]).host_bytes() == 4 * 8 + state + 2 * 32
+    pinned = Footprint.for_optimizer(2, pinned=True)
+    assert plan_static(units, 1.0, pinned, [False, True]).host_bytes() == 16 + 32 + state + 2 * 32
+    assert plan_static([units[0], Unit("block", 8, 1, tensor_numels=(5, 3, 0))], 1.0, pinned,
+                       [False, True]).host_bytes() == 32 + 16 + state + 2 * 32
+
+
 def test_a_model_with_frozen_embeddings_is_planned_by_what_it_trains():
     """MiniLM (fp32 weights) with its 12M embedding parameters frozen fits a 0.15 GiB device budget: 0.13 GiB of
     weights and trained gradients. Counted as trained, with gradients, the embeddings made it 0.17 GiB and the plan

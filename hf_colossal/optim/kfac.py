@@ -345,6 +345,8 @@ class KfacLayer:
         self.input_rows = 0
         self.output_grad_sum: Tensor | None = None
         self.output_grad_examples = 0
+        #: the backward pass whose examples were counted last (see :meth:`accumulate_output_grad`)
+        self.counted_backward: int | None = None
 
     def accumulate_input(self, x: Tensor) -> None:
         rows, count = self.activation_rows(x)
@@ -352,10 +354,16 @@ class KfacLayer:
         self.input_sum = contribution if self.input_sum is None else self.input_sum + contribution
         self.input_rows += count
 
-    def accumulate_output_grad(self, grad_output: Tensor) -> None:
+    def accumulate_output_grad(self, grad_output: Tensor, backward: int | None = None) -> None:
+        """Add one call's output gradients. The batch's examples are counted once per backward pass (``backward``
+        identifies it; None counts every call): a module called several times in one forward (weights reused
+        across depth) sums its positions over the calls, as weight sharing over a sequence does (K-FAC-expand),
+        for the same examples."""
         contribution = gram(self.output_grad_rows(grad_output))
         self.output_grad_sum = contribution if self.output_grad_sum is None else self.output_grad_sum + contribution
-        self.output_grad_examples += grad_output.shape[0]
+        if backward is None or backward != self.counted_backward:
+            self.output_grad_examples += grad_output.shape[0]
+        self.counted_backward = backward
 
     def shared_rows(self, x: Tensor, *, mean: bool) -> Tensor:
         return expand_rows(x) if self.approximation == "expand" else reduce_rows(x, mean=mean)
@@ -548,6 +556,12 @@ def find_kfac_layers(
         else:
             layers.append(layer)
     return layers, fallback
+
+
+def current_backward() -> int | None:
+    """An id of the backward pass running now (autograd's graph task), None where torch does not say."""
+    task = getattr(torch._C, "_current_graph_task_id", lambda: -1)()
+    return task if task >= 0 else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -818,7 +832,7 @@ class Kfac(Optimizer):
     def _output_grad_hook(self, layer: KfacLayer, grad_output: Tensor) -> None:
         with torch.no_grad(), torch.autocast(grad_output.device.type, enabled=False), \
                 self._math_context(grad_output.device):
-            layer.accumulate_output_grad(grad_output)
+            layer.accumulate_output_grad(grad_output, current_backward())
 
     def _math_context(self, device: torch.device) -> Any:
         """K-FAC's matmul precision on CUDA; nothing to set elsewhere."""

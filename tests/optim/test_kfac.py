@@ -351,6 +351,36 @@ def test_resuming_with_the_other_method_recomputes_inverses_and_keeps_the_config
         torch.testing.assert_close(state["kfac_g_inv"] @ (state["kfac_g"] + gamma_g * eye), eye, rtol=0, atol=1e-9)
 
 
+def test_a_module_called_several_times_in_one_forward_counts_its_examples_once():
+    """Weights reused across depth (one Linear applied three times, as ALBERT does): G sums the three calls'
+    positions for the same N examples, N * sum(delta delta^T) (K-FAC-expand over the shared positions), not 3N x."""
+    class Reused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x, keep=None):
+            for _ in range(3):
+                x = self.lin(x)
+                if keep is not None:
+                    x.retain_grad()
+                    keep.append(x)
+                x = torch.tanh(x)
+            return x
+
+    torch.manual_seed(0)
+    model = Reused().double()
+    opt = build_optimizer("kfac", model, lr=0.01, options="factor_interval=1,inverse_interval=1,skip_layers=")
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = torch.zeros(4, 4, dtype=torch.float64)
+    for micro_batch in (x[:4], x[4:]):  # two accumulation micro-batches: their examples add up to 8
+        outputs = []
+        (model(micro_batch, outputs).pow(2).mean() / 2).backward()
+        expected += sum(s.grad.T @ s.grad for s in outputs)
+    opt.step()
+    torch.testing.assert_close(opt.state[model.lin.weight]["kfac_g"], 8 * expected, rtol=1e-12, atol=1e-14)
+
+
 def test_skip_layers_takes_one_pattern_as_a_string_and_refuses_other_types():
     model = _net()
     opt = Kfac(model.parameters(), model, skip_layers="head")

@@ -73,8 +73,10 @@ def load_checkpoint(optimizer: HeterogeneousOptimizer, folder: str) -> None:
             else:
                 base_state[suffix] = torch.zeros_like(master, dtype=meta.properties.dtype)
     state = _state(optimizer)
-    # checkpoints from before frozen parameters were saved: load what the folder holds
-    state["model"] = {name: value for name, value in state["model"].items() if f"model.{name}" in saved}
+    # folders from before frozen parameters were saved lack them; a missing trained parameter still fails
+    trained = {name for name, *_ in optimizer.named_entries()}
+    state["model"] = {name: value for name, value in state["model"].items()
+                      if name in trained or f"model.{name}" in saved}
     dcp.load(state, checkpoint_id=folder)
     for name, param, master, base_state in optimizer.named_entries():
         loaded = state["optimizer"][name]

@@ -93,12 +93,15 @@ class MemoryPlan:
     def total_numel(self) -> int:
         return sum(u.numel for u in self.units)
 
+    def low_precision_bytes(self) -> int:
+        """The low-precision weights of every parameter and the gradients of the trained ones (always on device)."""
+        frozen_weights = sum(u.frozen_numel for u in self.units) * (self.footprint.low_precision // 2)
+        return self.total_numel * self.footprint.low_precision + frozen_weights
+
     def device_bytes(self, activation_bytes: int = 0) -> int:
         """Persistent bytes this plan keeps on the compute device, plus ``activation_bytes``."""
         device_numel = self.total_numel - self.offloaded_numel
-        frozen_weights = sum(u.frozen_numel for u in self.units) * (self.footprint.low_precision // 2)
-        return (self.total_numel * self.footprint.low_precision + device_numel * self.footprint.master_and_state
-                + frozen_weights + activation_bytes)
+        return self.low_precision_bytes() + device_numel * self.footprint.master_and_state + activation_bytes
 
     def host_bytes(self) -> int:
         """Host bytes: fp32 master and optimizer state per offloaded parameter, plus two fp32 gradient slots the
@@ -115,7 +118,7 @@ class MemoryPlan:
         share = self.offloaded_numel / max(self.total_numel, 1)
         lines = [f"placement ({self.reason}): {len(self.units) - len(offloaded)} of {len(self.units)} units keep "
                  f"master weights and optimizer state on the compute device, {len(offloaded)} on the CPU "
-                 f"({share:.0%} of parameters, {self.host_bytes() / GIB:.1f} GiB pinned host memory); "
+                 f"({share:.0%} of trained parameters, {self.host_bytes() / GIB:.1f} GiB host memory); "
                  f"persistent device memory {self.device_bytes() / GIB:.1f} GiB"]
         if offloaded:
             lines.append(f"  offloaded: {offloaded[0].label} .. {offloaded[-1].label}")
@@ -167,7 +170,7 @@ def plan_auto(units: Sequence[Unit], footprint: Footprint, capacity_bytes: int, 
         raise MemoryPlanError(
             f"the model does not fit on the compute device even with every block's master weights and optimizer "
             f"state on the CPU: needs {plan.device_bytes(activation_bytes) / GIB:.1f} GiB of {budget / GIB:.1f} "
-            f"GiB (bf16 weights and gradients {plan.total_numel * footprint.low_precision / GIB:.1f} GiB, "
+            f"GiB (low-precision weights and gradients {plan.low_precision_bytes() / GIB:.1f} GiB, "
             f"activations {activation_bytes / GIB:.1f} GiB). Reduce the batch size or sequence length, enable "
             f"gradient checkpointing, shard over more GPUs, or lower auto_margin_gib.\n{plan.describe()}")
     for unit in units:
@@ -215,4 +218,4 @@ def check_fits(plan: MemoryPlan, capacity_bytes: int, activation_bytes: int = 0)
         raise MemoryPlanError(
             f"this placement needs {need / GIB:.1f} GiB on a {capacity_bytes / GIB:.1f} GiB device before "
             f"activations: raise offload_optim_frac (now {plan.offloaded_numel / max(plan.total_numel, 1):.2f} "
-            f"of parameters offloaded) or use placement='auto'.\n{plan.describe()}")
+            f"of trained parameters offloaded) or use placement='auto'.\n{plan.describe()}")

@@ -345,8 +345,9 @@ class KfacLayer:
         self.input_rows = 0
         self.output_grad_sum: Tensor | None = None
         self.output_grad_examples = 0
-        #: the backward pass whose examples were counted last (see :meth:`accumulate_output_grad`)
+        #: the backward pass whose examples were counted last and how many (see :meth:`accumulate_output_grad`)
         self.counted_backward: int | None = None
+        self.counted_examples = 0
 
     def accumulate_input(self, x: Tensor) -> None:
         rows, count = self.activation_rows(x)
@@ -355,15 +356,21 @@ class KfacLayer:
         self.input_rows += count
 
     def accumulate_output_grad(self, grad_output: Tensor, backward: int | None = None) -> None:
-        """Add one call's output gradients. The batch's examples are counted once per backward pass (``backward``
-        identifies it; None counts every call): a module called several times in one forward (weights reused
-        across depth) sums its positions over the calls, as weight sharing over a sequence does (K-FAC-expand),
-        for the same examples."""
+        """Add one call's output gradients. The examples are counted once per backward pass (``backward``
+        identifies it; None counts every call), as the largest call's batch: a module called several times in
+        one forward (weights reused across depth) sums its positions over the calls, as weight sharing over a
+        sequence does (K-FAC-expand), for the same examples. Under reentrant activation checkpointing each
+        checkpointed segment is a backward pass of its own, so a module reused across segments counts per
+        segment (transformers' default checkpointing is not reentrant)."""
         contribution = gram(self.output_grad_rows(grad_output))
         self.output_grad_sum = contribution if self.output_grad_sum is None else self.output_grad_sum + contribution
+        examples = grad_output.shape[0]
         if backward is None or backward != self.counted_backward:
-            self.output_grad_examples += grad_output.shape[0]
-        self.counted_backward = backward
+            self.output_grad_examples += examples
+            self.counted_backward, self.counted_examples = backward, examples
+        elif examples > self.counted_examples:
+            self.output_grad_examples += examples - self.counted_examples
+            self.counted_examples = examples
 
     def shared_rows(self, x: Tensor, *, mean: bool) -> Tensor:
         return expand_rows(x) if self.approximation == "expand" else reduce_rows(x, mean=mean)

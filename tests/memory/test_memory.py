@@ -23,7 +23,7 @@ from hf_colossal.memory import (
     save_checkpoint,
     shard_model,
 )
-from hf_colossal.memory.placement import GIB, Footprint, check_fits
+from hf_colossal.memory.placement import GIB, Footprint, check_fits, pinned_bytes
 from tests.memory.helpers import max_difference, minilm_and_batch, train_offloaded
 from tests.optim.distributed import gloo_process_group
 
@@ -113,7 +113,9 @@ def test_offloaded_training_equals_on_device_training():
     largest = max(unit.numel for unit in optimizer.plan.offloaded)
     assert [slot.numel() for slot in optimizer._staging] == [largest, largest]
     assert all(master.grad is None for _, _, master, _ in optimizer.named_entries())
-    assert optimizer.plan.host_bytes() == optimizer.plan.offloaded_numel * 12 + 8 * largest
+    size = pinned_bytes if optimizer._pin else (lambda nbytes: nbytes)  # pinned where CUDA is: rounded
+    masters = sum(size(4 * n) for unit in optimizer.plan.offloaded for n in unit.tensor_numels)
+    assert optimizer.plan.host_bytes() == masters + optimizer.plan.offloaded_numel * 8 + 2 * size(4 * largest)
     assert on_device == offloaded == inline
     assert max_difference(masters_device, masters_offloaded) == 0.0
     assert max_difference(masters_device, masters_inline) == 0.0
@@ -425,6 +427,14 @@ def test_checkpoint_holds_frozen_parameters_too(tmp_path):
     old["model"] = {name: value for name, value in old["model"].items() if "embeddings" not in name}
     dcp.save(old, checkpoint_id=str(tmp_path / "old"))
     load_checkpoint(optimizer, str(tmp_path / "old"))
+    # but a folder that lacks a trained parameter is refused, not loaded around it
+    del old["model"]["classifier.weight"]
+    dcp.save(old, checkpoint_id=str(tmp_path / "broken"))
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException with the rank's traceback
+
+    with pytest.raises(CheckpointException) as error:
+        load_checkpoint(optimizer, str(tmp_path / "broken"))
+    assert "Missing key in checkpoint state_dict: model.classifier.weight" in str(error.value) + repr(error.value)
 
 
 def test_checkpoint_saved_by_two_processes_resumes_in_one_and_loads_without_the_plugin(tmp_path):

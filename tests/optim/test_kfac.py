@@ -380,6 +380,20 @@ def test_a_module_called_several_times_in_one_forward_counts_its_examples_once()
     opt.step()
     torch.testing.assert_close(opt.state[model.lin.weight]["kfac_g"], 8 * expected, rtol=1e-12, atol=1e-14)
 
+    # calls of different batch sizes in one pass (a shared encoder on 4 queries and 8 documents): the larger batch
+    # counts, in either order
+    for order in ((4, 8), (8, 4)):
+        torch.manual_seed(0)
+        lin = nn.Linear(4, 4).double()
+        opt = build_optimizer("kfac", lin, lr=0.01, options="factor_interval=1,inverse_interval=1,skip_layers=")
+        outputs = [lin(x[:n]) for n in order]
+        for output in outputs:
+            output.retain_grad()
+        sum(output.pow(2).mean() for output in outputs).backward()
+        opt.step()
+        expected = sum(output.grad.T @ output.grad for output in outputs)
+        torch.testing.assert_close(opt.state[lin.weight]["kfac_g"], 8 * expected, rtol=1e-12, atol=1e-14)
+
 
 def test_skip_layers_takes_one_pattern_as_a_string_and_refuses_other_types():
     model = _net()

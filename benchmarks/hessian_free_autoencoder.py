@@ -16,6 +16,8 @@ one pass over the gradient batch) and measured in seconds; the primitives are ti
     python benchmarks/hessian_free_autoencoder.py --budget 10 --lrs 3e-3   # quick look
     python benchmarks/hessian_free_autoencoder.py --data fashion_mnist --device cuda --budget 60 \
         --lrs 1e-4,3e-4,1e-3 --batch-size 256 --hf-options "damping=1,curvature_batch_fraction=0.1,cg_max_iters=250"
+    # the same with TF32 matmuls for every run (not measured yet)
+    ... --matmul-precision high
 
 On CUDA the clock synchronises the device when it is read (AdamW's loop reads it every ``--check-every`` steps,
 so the budget overshoots by at most that many steps). Fashion-MNIST comes from Debian's dataset-fashion-mnist
@@ -159,6 +161,9 @@ def main():
     parser.add_argument("--data", choices=sorted(SIZES), default="digits")
     parser.add_argument("--data-dir", help="Fashion-MNIST folder (default: $HF_COLOSSAL_FASHION_MNIST or Debian's)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--matmul-precision", choices=("highest", "high"), default="highest",
+                        help="torch.set_float32_matmul_precision for every run: 'high' lets CUDA use TF32 (about "
+                             "1.6x per early Hessian-free step on an H200, benchmarks/RESULTS.md)")
     parser.add_argument("--train-rows", type=int, help="use only the first N training images (smoke runs)")
     parser.add_argument("--hf-options", default=HF_OPTIONS, help="optim_args of the Hessian-free run")
     parser.add_argument("--check-every", type=int, default=None,
@@ -167,6 +172,7 @@ def main():
                                       "[_fashion_mnist])")
     cli = parser.parse_args()
     torch.set_num_threads(cli.threads)
+    torch.set_float32_matmul_precision(cli.matmul_precision)
     device = torch.device(cli.device)
     arrays = digits_arrays() if cli.data == "digits" else fashion_mnist_arrays(cli.data_dir)
     x = torch.from_numpy(arrays["train"][0][:cli.train_rows]).to(device)
@@ -188,7 +194,8 @@ def main():
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cli.threads} thread(s) on the CPU"
     lines = [
         f"Deep autoencoder {'-'.join(map(str, sizes))} on the {len(x)} {cli.data} training images, from scratch, "
-        f"{cli.budget:g} s of training per run, torch {torch.__version__}, {where}. Command: python "
+        f"{cli.budget:g} s of training per run, torch {torch.__version__}, {where}, fp32 matmul precision "
+        f"{cli.matmul_precision!r}. Command: python "
         f"{' '.join(sys.argv)}",
         "",
         "| optimizer | lr | steps | final train error | error at 1/3 budget | s / step | BPE / step |",

@@ -775,7 +775,8 @@ class Kfac(Optimizer):
         self._inverse_version = 0
         self._batches: tuple[int, list[tuple[list[KfacLayer], Tensor, Tensor]]] | None = None
         self.factor_updates = 0
-        #: Set when a load dropped the other method's inverses: the next step computes this method's.
+        #: Set when a load left inverses that do not fit this run (the other method's, another fixed damping): the
+        #: next step computes them from the loaded factors.
         self._inverses_missing = False
         #: The damping :math:`\lambda` the next inverse update uses (adapted with ``damping_adaptation``).
         self.damping = float(damping)
@@ -982,8 +983,8 @@ class Kfac(Optimizer):
             return
         layers = self.layers if world > 1 else [layer for layer, had in zip(self.layers, has) if had]
         new = []
-        for layer in layers:
-            if layer.input_sum is not None and layer.output_grad_sum is not None:
+        for layer, had in zip(layers, has if world > 1 else [True] * len(layers)):
+            if had:
                 new.append(input_factor(layer.input_sum, layer.input_rows))
                 new.append(output_grad_factor(layer.output_grad_sum, layer.output_grad_examples))
             else:  # DDP: this rank's inputs did not reach the layer
